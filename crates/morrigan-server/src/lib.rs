@@ -1,1 +1,34 @@
-//! placeholder
+//! The Morrigan connection server, as a library.
+//!
+//! Map of the crate (see `ARCHITECTURE.md` for the paths of a connection and a message):
+//!
+//! * [`server`]: start ([`Server::builder`]), serve ([`Server::run`]) and stop a node.
+//! * [`routes`]: the HTTP surface (the original's paths), one module per provider.
+//! * [`session`]: one task per WebSocket: reads, writes, heartbeat, record on close.
+//! * [`hub`]: the local connections of this node (sharded map of task handles).
+//! * [`heartbeat`]: coalesced persistence of pongs (no database write per pong).
+//! * [`providers`]: message routing by `type` prefix; the extension point.
+//! * [`hooks`]: authenticate / connect / disconnect callbacks for embedders.
+//! * [`tokens`]: EdDSA JWTs, keys in the store, verification by `kid`.
+//! * [`auth`]: operators: argon2id passwords, user tokens, functions.
+//! * [`store`]: the persistence trait and one file per backend.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+mod fsutil;
+pub mod heartbeat;
+pub mod hooks;
+pub mod hub;
+pub mod providers;
+pub mod routes;
+pub mod server;
+pub mod session;
+pub mod state;
+pub mod store;
+pub mod tls;
+pub mod tokens;
+
+pub use config::{Config, TlsFiles};
+pub use server::{Server, ServerBuilder, StartError};
+pub use state::AppState;

@@ -1,0 +1,129 @@
+//! The client provider: `client.state` (persisted on the client record) and
+//! `client.token.refresh` (a new identity token, recorded so that deprovisioning revokes it).
+
+use async_trait::async_trait;
+use morrigan_protocol::api::audience;
+use morrigan_protocol::message::types;
+use morrigan_protocol::time_format;
+use serde_json::{Value, json};
+
+use super::{HandlerError, MessageContext, Provider};
+use crate::store::{TokenKind, TokenRow};
+
+/// Longest `client.state` value stored.
+pub const MAX_STATE_LEN: usize = 128;
+
+pub struct ClientProvider;
+
+#[async_trait]
+impl Provider for ClientProvider {
+    fn name(&self) -> &str {
+        "client"
+    }
+    fn messages(&self) -> Vec<String> {
+        vec!["state".into(), "token.refresh".into()]
+    }
+    fn endpoints(&self) -> Vec<String> {
+        ["POST /provision", "GET /", "GET /:clientId", "DELETE /:clientId"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+    fn functions(&self) -> Vec<String> {
+        vec![crate::auth::functions::API.to_string()]
+    }
+    async fn handle(
+        &self,
+        ctx: &MessageContext,
+        message: &str,
+        body: Value,
+    ) -> Result<Option<Value>, HandlerError> {
+        match message {
+            "state" => {
+                let state = body
+                    .get("state")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| HandlerError::Invalid("'state' must be a string".into()))?;
+                if state.is_empty() || state.len() > MAX_STATE_LEN {
+                    return Err(HandlerError::Invalid(format!(
+                        "'state' must be 1-{MAX_STATE_LEN} characters"
+                    )));
+                }
+                tracing::info!(client = %ctx.client_id, state, "client reported state");
+                if !ctx
+                    .state
+                    .store
+                    .set_client_state(&ctx.client_id, state, &time_format::now())
+                    .await?
+                {
+                    return Err(HandlerError::Invalid("client is no longer provisioned".into()));
+                }
+                Ok(None)
+            }
+            "token.refresh" => {
+                let s = &ctx.state;
+                // The client may have been deprovisioned while connected (the original
+                // re-issued anyway: S4, C7).
+                if s.store.client(&ctx.client_id).await?.is_none() {
+                    return Err(HandlerError::Invalid("client is no longer provisioned".into()));
+                }
+                let issued = issue_identity_token(s, &ctx.client_id).await?;
+                // Older tokens keep working for a grace period only.
+                let grace = time::OffsetDateTime::now_utc() + s.config.refresh_grace;
+                s.store
+                    .shorten_tokens(
+                        TokenKind::Identity,
+                        &ctx.client_id,
+                        &issued.claims.jti,
+                        &time_format::format(grace),
+                    )
+                    .await?;
+                let expires = time::OffsetDateTime::from_unix_timestamp(issued.claims.exp)
+                    .map(time_format::format)
+                    .unwrap_or_default();
+                tracing::info!(client = %ctx.client_id, jti = %issued.claims.jti, "identity token refreshed");
+                Ok(Some(json!({
+                    "type": types::CLIENT_TOKEN_ISSUE,
+                    "token": issued.token,
+                    "expires": expires,
+                })))
+            }
+            _ => Err(HandlerError::UnknownMessage),
+        }
+    }
+}
+
+/// Issues an identity token for `client_id`, records it, and makes it the client's current one.
+pub async fn issue_identity_token(
+    s: &crate::state::AppState,
+    client_id: &str,
+) -> Result<crate::tokens::Issued, HandlerError> {
+    let issued = s
+        .tokens
+        .issue(
+            audience::IDENTITY,
+            client_id,
+            s.config.identity_token_ttl.as_secs(),
+            None,
+        )
+        .map_err(|e| HandlerError::Failed(e.to_string()))?;
+    let fmt = |t: i64| {
+        time::OffsetDateTime::from_unix_timestamp(t)
+            .map(time_format::format)
+            .unwrap_or_default()
+    };
+    s.store
+        .insert_token(&TokenRow {
+            id: issued.claims.jti.clone(),
+            kind: TokenKind::Identity,
+            subject: client_id.to_string(),
+            issuer: s.node_id.to_string(),
+            issued: fmt(issued.claims.iat),
+            expires: fmt(issued.claims.exp),
+        })
+        .await?;
+    s.store
+        .set_client_token(client_id, &issued.claims.jti, &time_format::now())
+        .await?;
+    Ok(issued)
+}

@@ -1,0 +1,53 @@
+//! The connection provider describes the connection endpoints. It handles no messages: the
+//! original crashed on `connection.<anything>` (C1); here such a message gets
+//! `connection.error` `unknownMessage`.
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use super::{HandlerError, MessageContext, Provider};
+use crate::auth::functions;
+
+pub struct ConnectionProvider;
+
+#[async_trait]
+impl Provider for ConnectionProvider {
+    fn name(&self) -> &str {
+        "connection"
+    }
+    fn messages(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn endpoints(&self) -> Vec<String> {
+        [
+            "POST /",
+            "GET /",
+            "WS /connect",
+            "GET /:connectionId",
+            "POST /:connectionId/send",
+            "DELETE /:connectionId",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+    fn functions(&self) -> Vec<String> {
+        [
+            functions::API,
+            functions::CONNECTION,
+            functions::CONNECTION_SEND,
+            functions::CONNECTION_CLOSE,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+    async fn handle(
+        &self,
+        _ctx: &MessageContext,
+        _message: &str,
+        _body: Value,
+    ) -> Result<Option<Value>, HandlerError> {
+        Err(HandlerError::UnknownMessage)
+    }
+}

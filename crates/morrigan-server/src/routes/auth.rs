@@ -1,0 +1,359 @@
+//! `/api/auth`: login and operator identities.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use morrigan_protocol::api::{LoginRequest, TokenResponse, audience};
+use morrigan_protocol::records::Identity;
+use morrigan_protocol::time_format;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::ApiJson;
+use crate::auth::{self, User, functions};
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+use crate::store::{IdentityRow, TokenKind, TokenRow};
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(login))
+        .routes(routes!(list_identities, create_identity))
+        .routes(routes!(get_me, patch_me))
+        .routes(routes!(get_identity, patch_identity, delete_identity))
+}
+
+fn public(row: &IdentityRow) -> Identity {
+    Identity {
+        id: row.id.clone(),
+        name: row.name.clone(),
+        functions: row.functions.clone(),
+        created: row.created.clone(),
+    }
+}
+
+fn identity_body(row: &IdentityRow) -> Json<Value> {
+    Json(json!({"state": "success", "identity": public(row)}))
+}
+
+/// Issues a user token for `identity_id` and records it (revocable).
+pub async fn issue_user_token(s: &AppState, identity_id: &str) -> ApiResult<String> {
+    let issued = s
+        .tokens
+        .issue(audience::USER, identity_id, s.config.user_token_ttl.as_secs(), None)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let fmt = |t: i64| {
+        time::OffsetDateTime::from_unix_timestamp(t)
+            .map(time_format::format)
+            .unwrap_or_default()
+    };
+    s.store
+        .insert_token(&TokenRow {
+            id: issued.claims.jti.clone(),
+            kind: TokenKind::User,
+            subject: identity_id.to_string(),
+            issuer: s.node_id.to_string(),
+            issued: fmt(issued.claims.iat),
+            expires: fmt(issued.claims.exp),
+        })
+        .await?;
+    Ok(issued.token)
+}
+
+/// Logs in. Unknown user and wrong password get the same answer, in the same time.
+#[utoipa::path(post, path = "/api/auth", tag = "auth", request_body = LoginRequest,
+    responses((status = 200, body = TokenResponse),
+              (status = 400, description = "Malformed body", body = morrigan_protocol::api::ErrorBody),
+              (status = 403, description = "Invalid username/password", body = morrigan_protocol::api::ErrorBody)))]
+async fn login(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<LoginRequest>,
+) -> ApiResult<Json<TokenResponse>> {
+    if req.name.is_empty() {
+        return Err(ApiError::bad_request("No username specified."));
+    }
+    if req.password.is_empty() {
+        return Err(ApiError::bad_request("No password specified."));
+    }
+    if req.password.len() > 1024 || req.name.len() > 64 {
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "failed",
+            "Invalid username/password.",
+        ));
+    }
+    let row = s.store.identity_by_name(&req.name).await?;
+    let hash = row
+        .as_ref()
+        .map(|r| r.password_hash.clone())
+        .unwrap_or_else(|| auth::dummy_hash().to_string());
+    let password = req.password;
+    let ok = auth::blocking(move || auth::verify_password(&password, &hash)).await?;
+    let Some(row) = row.filter(|_| ok) else {
+        tracing::info!("login refused");
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "failed",
+            "Invalid username/password.",
+        ));
+    };
+    let token = issue_user_token(&s, &row.id).await?;
+    tracing::info!(identity = %row.name, "login");
+    Ok(Json(TokenResponse {
+        state: "success".into(),
+        token,
+    }))
+}
+
+/// Lists identities (function `auth.identity.get.all`).
+#[utoipa::path(get, path = "/api/auth/identity", tag = "auth", security(("userToken" = [])),
+    responses((status = 200, description = "{\"state\":\"success\",\"identities\":[..]}", body = Value),
+              (status = 401, body = morrigan_protocol::api::ErrorBody),
+              (status = 403, body = morrigan_protocol::api::ErrorBody)))]
+async fn list_identities(State(s): State<AppState>, user: User) -> ApiResult<Json<Value>> {
+    user.require(&[functions::IDENTITY_GET_ALL])?;
+    let rows = s.store.identities().await?;
+    let list: Vec<Identity> = rows.iter().map(public).collect();
+    Ok(Json(json!({"state": "success", "identities": list})))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AuthDetails {
+    /// Only `password` exists.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub password: Option<String>,
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct CreateIdentity {
+    pub name: Option<String>,
+    pub auth: Option<AuthDetails>,
+    pub functions: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct PatchIdentity {
+    pub name: Option<String>,
+    pub auth: Option<AuthDetails>,
+    pub functions: Option<Vec<String>>,
+}
+
+fn password_of(auth: &AuthDetails) -> ApiResult<&str> {
+    match auth.kind.as_deref() {
+        Some("password") | None => {}
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "Unsupported authentication type '{other}' (only 'password')."
+            )));
+        }
+    }
+    let password = auth
+        .password
+        .as_deref()
+        .ok_or_else(|| ApiError::bad_request("No password specified."))?;
+    if !auth::valid_password(password) {
+        return Err(ApiError::bad_request(
+            "Invalid password format (8 to 1024 characters).",
+        ));
+    }
+    Ok(password)
+}
+
+fn check_name(name: &str) -> ApiResult<()> {
+    if auth::valid_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "Invalid name format (1-64 characters of [A-Za-z0-9_.-]).",
+        ))
+    }
+}
+
+/// Creates an identity (function `auth.identity.create`).
+#[utoipa::path(post, path = "/api/auth/identity", tag = "auth", security(("userToken" = [])),
+    request_body = CreateIdentity,
+    responses((status = 200, description = "{\"state\":\"success\",\"identity\":{..}}", body = Value),
+              (status = 400, body = morrigan_protocol::api::ErrorBody),
+              (status = 401, body = morrigan_protocol::api::ErrorBody),
+              (status = 403, body = morrigan_protocol::api::ErrorBody)))]
+async fn create_identity(
+    State(s): State<AppState>,
+    user: User,
+    ApiJson(req): ApiJson<CreateIdentity>,
+) -> ApiResult<Json<Value>> {
+    user.require(&[functions::IDENTITY_CREATE])?;
+    let name = req
+        .name
+        .ok_or_else(|| ApiError::bad_request("No user name specified."))?;
+    check_name(&name)?;
+    let auth = req.auth.ok_or_else(|| {
+        ApiError::bad_request("No authentication details specified for new identity.")
+    })?;
+    let password = password_of(&auth)?.to_string();
+    let functions = req.functions.unwrap_or_default();
+    auth::validate_functions(&functions)?;
+    if s.store.identity_by_name(&name).await?.is_some() {
+        return Err(ApiError::bad_request("Identity name already in use."));
+    }
+    let hash = auth::blocking(move || auth::hash_password(&password)).await??;
+    let now = time_format::now();
+    let row = IdentityRow {
+        id: uuid::Uuid::new_v4().to_string(),
+        name,
+        functions,
+        password_hash: hash,
+        created: now.clone(),
+        updated: now,
+    };
+    match s.store.insert_identity(&row).await {
+        Err(crate::store::StoreError::Conflict(_)) => {
+            return Err(ApiError::bad_request("Identity name already in use."));
+        }
+        other => other?,
+    }
+    tracing::info!(by = %user.identity.name, identity = %row.name, "identity created");
+    Ok(identity_body(&row))
+}
+
+/// The caller's own identity.
+#[utoipa::path(get, path = "/api/auth/identity/me", tag = "auth", security(("userToken" = [])),
+    responses((status = 200, body = Value), (status = 401, body = morrigan_protocol::api::ErrorBody)))]
+async fn get_me(user: User) -> Json<Value> {
+    identity_body(&user.identity)
+}
+
+/// Changes the caller's own name or password (not functions). A password change revokes the
+/// identity's other sessions.
+#[utoipa::path(patch, path = "/api/auth/identity/me", tag = "auth", security(("userToken" = [])),
+    request_body = PatchIdentity,
+    responses((status = 200, body = Value),
+              (status = 400, body = morrigan_protocol::api::ErrorBody),
+              (status = 401, body = morrigan_protocol::api::ErrorBody),
+              (status = 403, description = "Tried to change functions", body = morrigan_protocol::api::ErrorBody)))]
+async fn patch_me(
+    State(s): State<AppState>,
+    user: User,
+    ApiJson(req): ApiJson<PatchIdentity>,
+) -> ApiResult<Json<Value>> {
+    if req.functions.is_some() {
+        return Err(ApiError::forbidden(
+            "Access to functions cannot be modified via the \"me\" endpoint.",
+        ));
+    }
+    let token_id = user.token_id.clone();
+    let row = apply_patch(&s, user.identity, req, Some(&token_id)).await?;
+    Ok(identity_body(&row))
+}
+
+async fn apply_patch(
+    s: &AppState,
+    mut row: IdentityRow,
+    req: PatchIdentity,
+    keep_session: Option<&str>,
+) -> ApiResult<IdentityRow> {
+    if let Some(name) = req.name
+        && name != row.name
+    {
+        check_name(&name)?;
+        if s.store.identity_by_name(&name).await?.is_some() {
+            return Err(ApiError::bad_request("Identity name already in use."));
+        }
+        row.name = name;
+    }
+    if let Some(functions) = req.functions {
+        auth::validate_functions(&functions)?;
+        row.functions = functions;
+    }
+    let mut password_changed = false;
+    if let Some(auth) = req.auth {
+        let password = password_of(&auth)?.to_string();
+        row.password_hash = auth::blocking(move || auth::hash_password(&password)).await??;
+        password_changed = true;
+    }
+    row.updated = time_format::now();
+    match s.store.update_identity(&row).await {
+        Ok(true) => {}
+        Ok(false) => return Err(ApiError::not_found("No such identity.")),
+        Err(crate::store::StoreError::Conflict(_)) => {
+            return Err(ApiError::bad_request("Identity name already in use."));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    if password_changed {
+        // The original revoked nothing on a password change (S16).
+        s.store
+            .revoke_tokens(TokenKind::User, &row.id, keep_session)
+            .await?;
+    }
+    Ok(row)
+}
+
+/// One identity (function `auth.identity.get.all`).
+#[utoipa::path(get, path = "/api/auth/identity/{id}", tag = "auth", security(("userToken" = [])),
+    params(("id" = String, Path, description = "Identity id")),
+    responses((status = 200, body = Value),
+              (status = 401, body = morrigan_protocol::api::ErrorBody),
+              (status = 403, body = morrigan_protocol::api::ErrorBody),
+              (status = 404, body = morrigan_protocol::api::ErrorBody)))]
+async fn get_identity(
+    State(s): State<AppState>,
+    user: User,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    user.require(&[functions::IDENTITY_GET_ALL])?;
+    let row = s
+        .store
+        .identity(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("No such identity."))?;
+    Ok(identity_body(&row))
+}
+
+/// Changes an identity's name, password or functions (function `auth.identity.update.all`).
+#[utoipa::path(patch, path = "/api/auth/identity/{id}", tag = "auth", security(("userToken" = [])),
+    params(("id" = String, Path, description = "Identity id")), request_body = PatchIdentity,
+    responses((status = 200, body = Value),
+              (status = 400, body = morrigan_protocol::api::ErrorBody),
+              (status = 401, body = morrigan_protocol::api::ErrorBody),
+              (status = 403, body = morrigan_protocol::api::ErrorBody),
+              (status = 404, body = morrigan_protocol::api::ErrorBody)))]
+async fn patch_identity(
+    State(s): State<AppState>,
+    user: User,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<PatchIdentity>,
+) -> ApiResult<Json<Value>> {
+    user.require(&[functions::IDENTITY_UPDATE_ALL])?;
+    let row = s
+        .store
+        .identity(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("No such identity."))?;
+    let keep = (row.id == user.identity.id).then_some(user.token_id.as_str());
+    let row = apply_patch(&s, row, req, keep).await?;
+    tracing::info!(by = %user.identity.name, identity = %row.name, "identity updated");
+    Ok(identity_body(&row))
+}
+
+/// Deletes an identity and revokes its sessions (function `auth.identity.delete.all`).
+#[utoipa::path(delete, path = "/api/auth/identity/{id}", tag = "auth", security(("userToken" = [])),
+    params(("id" = String, Path, description = "Identity id")),
+    responses((status = 200, body = Value),
+              (status = 401, body = morrigan_protocol::api::ErrorBody),
+              (status = 403, body = morrigan_protocol::api::ErrorBody),
+              (status = 404, body = morrigan_protocol::api::ErrorBody)))]
+async fn delete_identity(
+    State(s): State<AppState>,
+    user: User,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    user.require(&[functions::IDENTITY_DELETE_ALL])?;
+    if !s.store.delete_identity(&id).await? {
+        return Err(ApiError::not_found("No such identity."));
+    }
+    tracing::info!(by = %user.identity.name, identity = %id, "identity deleted");
+    Ok(Json(json!({"state": "success"})))
+}

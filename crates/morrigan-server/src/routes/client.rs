@@ -1,0 +1,128 @@
+//! `/api/core/client`: provisioning devices.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use morrigan_protocol::api::ProvisionRequest;
+use morrigan_protocol::close;
+use morrigan_protocol::records::ClientRecord;
+use morrigan_protocol::time_format;
+use serde_json::{Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::ApiJson;
+use crate::auth::{User, functions};
+use crate::error::{ApiError, ApiResult};
+use crate::providers::client::issue_identity_token;
+use crate::state::AppState;
+use crate::store::{CloseInfo, TokenKind};
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(provision))
+        .routes(routes!(list_clients))
+        .routes(routes!(get_client, delete_client))
+}
+
+/// Client ids: 1-128 characters, no control characters and no `/` (they appear in paths).
+/// Free text such as `MyComputer` stays valid, as in the original.
+pub fn valid_client_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && !id.chars().any(|c| c.is_control() || c == '/')
+}
+
+/// Provisions a client (creating it if new) and returns a new 30-day identity token as a JSON
+/// string. Earlier identity tokens of the client are revoked.
+#[utoipa::path(post, path = "/api/core/client/provision", tag = "client", security(("userToken" = [])),
+    request_body = ProvisionRequest,
+    responses((status = 200, description = "The identity token, as a JSON string literal", body = String),
+              (status = 400, body = morrigan_protocol::api::ErrorBody),
+              (status = 401, body = morrigan_protocol::api::ErrorBody),
+              (status = 403, body = morrigan_protocol::api::ErrorBody)))]
+async fn provision(
+    State(s): State<AppState>,
+    user: User,
+    ApiJson(req): ApiJson<ProvisionRequest>,
+) -> ApiResult<Json<String>> {
+    user.require(&[functions::API])?;
+    if !valid_client_id(&req.id) {
+        return Err(ApiError::bad_request(
+            "Invalid client id (1-128 characters, no control characters or '/').",
+        ));
+    }
+    s.store.upsert_client(&req.id, &time_format::now()).await?;
+    let issued = issue_identity_token(&s, &req.id)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    s.store
+        .revoke_tokens(TokenKind::Identity, &req.id, Some(&issued.claims.jti))
+        .await?;
+    tracing::info!(by = %user.identity.name, client = %req.id, jti = %issued.claims.jti, "client provisioned");
+    Ok(Json(issued.token))
+}
+
+/// Lists provisioned clients.
+#[utoipa::path(get, path = "/api/core/client", tag = "client", security(("userToken" = [])),
+    responses((status = 200, body = Vec<Value>),
+              (status = 401, body = morrigan_protocol::api::ErrorBody),
+              (status = 403, body = morrigan_protocol::api::ErrorBody)))]
+async fn list_clients(State(s): State<AppState>, user: User) -> ApiResult<Json<Vec<ClientRecord>>> {
+    user.require(&[functions::API])?;
+    Ok(Json(s.store.clients().await?))
+}
+
+/// One client.
+#[utoipa::path(get, path = "/api/core/client/{clientId}", tag = "client", security(("userToken" = [])),
+    params(("clientId" = String, Path)),
+    responses((status = 200, body = Value),
+              (status = 401, body = morrigan_protocol::api::ErrorBody),
+              (status = 403, body = morrigan_protocol::api::ErrorBody),
+              (status = 404, body = morrigan_protocol::api::ErrorBody)))]
+async fn get_client(
+    State(s): State<AppState>,
+    user: User,
+    Path(client_id): Path<String>,
+) -> ApiResult<Json<ClientRecord>> {
+    user.require(&[functions::API])?;
+    s.store
+        .client(&client_id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("No such client."))
+}
+
+/// Deprovisions a client: deletes it, revokes every identity token it holds and closes its
+/// connections with code 4003.
+#[utoipa::path(delete, path = "/api/core/client/{clientId}", tag = "client", security(("userToken" = [])),
+    params(("clientId" = String, Path)),
+    responses((status = 200, body = Value),
+              (status = 401, body = morrigan_protocol::api::ErrorBody),
+              (status = 403, body = morrigan_protocol::api::ErrorBody),
+              (status = 404, body = morrigan_protocol::api::ErrorBody)))]
+async fn delete_client(
+    State(s): State<AppState>,
+    user: User,
+    Path(client_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    user.require(&[functions::API])?;
+    if !s.store.delete_client(&client_id).await? {
+        return Err(ApiError::not_found("No such client."));
+    }
+    let now = time_format::now();
+    let reason = "client deprovisioned";
+    let closed = s
+        .store
+        .close_client_connections(
+            &client_id,
+            &CloseInfo {
+                at: &now,
+                code: close::REVOKED,
+                reason,
+            },
+        )
+        .await?;
+    for id in s.hub.ids_of_client(&client_id) {
+        s.hub.close(&id, close::REVOKED, reason, None).await;
+    }
+    tracing::info!(by = %user.identity.name, client = %client_id, closed = closed.len(), "client deprovisioned");
+    Ok(Json(json!({"state": "success", "closedConnections": closed.len()})))
+}

@@ -1,0 +1,460 @@
+//! `/api/core/connection`: token exchange, the WebSocket endpoint, records, send and close.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::{ConnectInfo, Path, Query, State, rejection::QueryRejection};
+use axum::http::header::{AUTHORIZATION, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use morrigan_protocol::api::{StatusResponse, TokenResponse, audience};
+use morrigan_protocol::close;
+use morrigan_protocol::message::MessageType;
+use morrigan_protocol::paths::{SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX};
+use morrigan_protocol::records::ConnectionRecord;
+use morrigan_protocol::time_format;
+use serde::Deserialize;
+use serde_json::Value;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::auth::{User, functions};
+use crate::error::{ApiError, ApiResult};
+use crate::hub::SendError;
+use crate::state::AppState;
+use crate::store::{CloseInfo, ConnectionFilter};
+use crate::tokens::TokenError;
+
+/// How long a REST send waits for the frame to be written.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest page of records one list call returns.
+pub const MAX_LIST: u32 = 10_000;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(request_token, list_connections))
+        .routes(routes!(connect))
+        .routes(routes!(get_connection, close_connection))
+        .routes(routes!(send))
+}
+
+/// The identity token from `Authorization`: raw (as the original's devices send it) or
+/// `Bearer <token>`.
+fn identity_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?.trim();
+    let token = match value.split_once(' ') {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+        _ => value,
+    };
+    (!token.is_empty()).then_some(token)
+}
+
+/// Exchanges a device's identity token for a single-use connection token (60 s by default)
+/// whose `reportUrl` claim names the WebSocket endpoint.
+#[utoipa::path(post, path = "/api/core/connection", tag = "connection",
+    security(("identityToken" = [])),
+    request_body(content = Option<Value>, description = "Ignored (the original device sends {idtoken, traceId})"),
+    responses((status = 200, body = TokenResponse),
+              (status = 400, description = "No token provided", body = morrigan_protocol::api::ErrorBody),
+              (status = 403, description = "Identity token invalid, expired, revoked, or client deprovisioned", body = morrigan_protocol::api::ErrorBody)))]
+async fn request_token(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> ApiResult<Json<TokenResponse>> {
+    let token =
+        identity_token(&headers).ok_or_else(|| ApiError::bad_request("No token provided."))?;
+    let refused = |reason: String| {
+        ApiError::new(StatusCode::FORBIDDEN, "authenticationfailed", reason)
+    };
+    let claims = match s.tokens.verify(token, audience::IDENTITY).await {
+        Ok(c) => c,
+        Err(TokenError::Store(e)) => return Err(e.into()),
+        Err(e) => {
+            tracing::info!(%peer, reason = %e, "identity token refused");
+            return Err(refused(format!("Identity token refused: {e}.")));
+        }
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let now_s = time_format::format(now);
+    if s.store.live_token(&claims.jti, &now_s).await?.is_none() {
+        return Err(refused("Identity token has been revoked.".into()));
+    }
+    if s.store.client(&claims.sub).await?.is_none() {
+        return Err(refused("Client is no longer provisioned.".into()));
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let report_url = s.report_url();
+    let ttl = s.config.connection_token_ttl.as_secs();
+    let issued = s
+        .tokens
+        .issue(audience::CONNECTION, &id, ttl, Some(report_url.clone()))
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let expires = time::OffsetDateTime::from_unix_timestamp(issued.claims.exp)
+        .map(time_format::format)
+        .unwrap_or_default();
+    let record = ConnectionRecord {
+        id: id.clone(),
+        client_id: claims.sub.clone(),
+        server_id: None,
+        token_id: issued.claims.jti.clone(),
+        client_address: Some(peer.ip().to_string()),
+        connected: None,
+        alive: false,
+        open: true,
+        last_heartbeat: None,
+        disconnected: None,
+        report_url,
+        created: now_s,
+        close_code: None,
+        close_reason: None,
+    };
+    // Written before answering, so the device can never connect before its record exists (F8).
+    s.store.insert_connection(&record, &expires).await?;
+    tracing::debug!(client = %claims.sub, connection = %id, "connection token issued");
+    Ok(Json(TokenResponse {
+        state: "success".into(),
+        token: issued.token,
+    }))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(rename_all = "camelCase")]
+pub struct ListQuery {
+    /// Only this client's connections.
+    client_id: Option<String>,
+    /// Only connections held by this node.
+    server_id: Option<String>,
+    /// Only open (`true`) or closed (`false`) records.
+    open: Option<bool>,
+    /// At most this many records, newest first (default and maximum 10000).
+    limit: Option<u32>,
+}
+
+/// Lists connection records of every node, newest first.
+#[utoipa::path(get, path = "/api/core/connection", tag = "connection", security(("userToken" = [])),
+    params(ListQuery),
+    responses((status = 200, body = Vec<Value>),
+              (status = 400, body = morrigan_protocol::api::ErrorBody),
+              (status = 401, body = morrigan_protocol::api::ErrorBody),
+              (status = 403, body = morrigan_protocol::api::ErrorBody)))]
+async fn list_connections(
+    State(s): State<AppState>,
+    user: User,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<ConnectionRecord>>> {
+    user.require(&[functions::API])?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request(format!("Invalid query: {e}")))?;
+    let filter = ConnectionFilter {
+        client_id: q.client_id,
+        server_id: q.server_id,
+        open: q.open,
+        limit: q.limit.unwrap_or(MAX_LIST).clamp(1, MAX_LIST),
+    };
+    Ok(Json(s.store.connections(&filter).await?))
+}
+
+/// One connection record.
+#[utoipa::path(get, path = "/api/core/connection/{id}", tag = "connection", security(("userToken" = [])),
+    params(("id" = String, Path, description = "Connection id")),
+    responses((status = 200, body = Value),
+              (status = 401, body = morrigan_protocol::api::ErrorBody),
+              (status = 403, body = morrigan_protocol::api::ErrorBody),
+              (status = 404, body = morrigan_protocol::api::ErrorBody)))]
+async fn get_connection(
+    State(s): State<AppState>,
+    user: User,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ConnectionRecord>> {
+    user.require(&[functions::API])?;
+    s.store
+        .connection(&id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("No such connection."))
+}
+
+/// Explains why a connection that is not held here cannot take a send/close.
+async fn not_here(s: &AppState, id: &str) -> ApiError {
+    match s.store.connection(id).await {
+        Err(e) => e.into(),
+        Ok(None) => ApiError::not_found("No such connection."),
+        Ok(Some(r)) if !r.open => ApiError::conflict("Connection closed."),
+        Ok(Some(r)) if r.connected.is_none() => {
+            ApiError::conflict("Connection not established yet (token issued, socket not open).")
+        }
+        Ok(Some(r)) if r.server_id.as_deref() == Some(&*s.node_id) => {
+            // Open in the store but not in the hub: it is closing right now.
+            ApiError::conflict("Connection closed.")
+        }
+        Ok(Some(r)) => ApiError::unavailable(format!(
+            "Connection is held by node '{}', which this node cannot reach.",
+            r.server_id.unwrap_or_default()
+        )),
+    }
+}
+
+/// Pushes a JSON message to a connection. Answers once the frame was written to the socket.
+#[utoipa::path(post, path = "/api/core/connection/{id}/send", tag = "connection", security(("userToken" = [])),
+    params(("id" = String, Path, description = "Connection id")),
+    request_body(content = Value, description = "A JSON object with a string `type` (`<provider>.<message>`); delivered as sent"),
+    responses((status = 200, body = StatusResponse),
+              (status = 400, description = "Not a JSON object with a valid type", body = morrigan_protocol::api::ErrorBody),
+              (status = 401, body = morrigan_protocol::api::ErrorBody),
+              (status = 403, description = "Missing function connection.send", body = morrigan_protocol::api::ErrorBody),
+              (status = 404, body = morrigan_protocol::api::ErrorBody),
+              (status = 409, description = "Connection closed or not established", body = morrigan_protocol::api::ErrorBody),
+              (status = 503, body = morrigan_protocol::api::ErrorBody),
+              (status = 504, body = morrigan_protocol::api::ErrorBody)))]
+async fn send(
+    State(s): State<AppState>,
+    user: User,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<StatusResponse>> {
+    user.require(&[functions::API, functions::CONNECTION_SEND])?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::bad_request("The body is not UTF-8."))?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?;
+    let ty = value
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("The message must be a JSON object."))?
+        .get("type")
+        .ok_or_else(|| ApiError::bad_request("No message type specified."))?
+        .as_str()
+        .ok_or_else(|| ApiError::bad_request("The message type must be a string."))?;
+    MessageType::parse(ty)
+        .map_err(|e| ApiError::bad_request(format!("Invalid message type: {e}.")))?;
+    match s.hub.send(&id, text.to_string(), SEND_TIMEOUT).await {
+        Ok(()) => Ok(Json(StatusResponse {
+            status: "success".into(),
+        })),
+        Err(SendError::NotHere) => Err(not_here(&s, &id).await),
+        Err(SendError::Closed) => Err(ApiError::conflict("Connection closed.")),
+        Err(SendError::Timeout) => Err(ApiError::timeout(
+            "The connection did not take the message in time.",
+        )),
+    }
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct CloseQuery {
+    /// Close reason sent to the device (at most 120 bytes).
+    reason: Option<String>,
+}
+
+/// Closes a connection with code 4000 and a reason. Answers once the record is closed.
+#[utoipa::path(delete, path = "/api/core/connection/{id}", tag = "connection", security(("userToken" = [])),
+    params(("id" = String, Path, description = "Connection id"), CloseQuery),
+    responses((status = 200, body = StatusResponse),
+              (status = 401, body = morrigan_protocol::api::ErrorBody),
+              (status = 403, body = morrigan_protocol::api::ErrorBody),
+              (status = 404, body = morrigan_protocol::api::ErrorBody),
+              (status = 409, body = morrigan_protocol::api::ErrorBody),
+              (status = 503, body = morrigan_protocol::api::ErrorBody)))]
+async fn close_connection(
+    State(s): State<AppState>,
+    user: User,
+    Path(id): Path<String>,
+    query: Result<Query<CloseQuery>, QueryRejection>,
+) -> ApiResult<Json<StatusResponse>> {
+    user.require(&[functions::API, functions::CONNECTION_CLOSE])?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request(format!("Invalid query: {e}")))?;
+    let reason = q.reason.unwrap_or_else(|| "closed by operator".to_string());
+    // A close frame's reason is at most 123 bytes.
+    if reason.len() > 120 {
+        return Err(ApiError::bad_request("The reason is longer than 120 bytes."));
+    }
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    if s
+        .hub
+        .close(&id, close::CLOSED_BY_OPERATOR, &reason, Some(done_tx))
+        .await
+    {
+        let _ = tokio::time::timeout(SEND_TIMEOUT, done).await;
+        tracing::info!(by = %user.identity.name, connection = %id, "connection closed by operator");
+        return Ok(Json(StatusResponse {
+            status: "success".into(),
+        }));
+    }
+    // Not held here: a pending record (token issued, unused) can still be closed, which also
+    // invalidates its token.
+    if let Some(r) = s.store.connection(&id).await?
+        && r.open
+        && r.connected.is_none()
+    {
+        let now = time_format::now();
+        s.store
+            .close_connection(
+                &id,
+                &CloseInfo {
+                    at: &now,
+                    code: close::CLOSED_BY_OPERATOR,
+                    reason: &reason,
+                },
+            )
+            .await?;
+        return Ok(Json(StatusResponse {
+            status: "success".into(),
+        }));
+    }
+    Err(not_here(&s, &id).await)
+}
+
+/// Where the connection token was presented.
+fn connection_token(headers: &HeaderMap) -> Option<(String, Option<HeaderValue>)> {
+    let looks_like_jwt = |t: &str| t.len() > 20 && t.split('.').count() == 3 && !t.contains(':');
+    if let Some(t) = headers.get(ORIGIN).and_then(|v| v.to_str().ok())
+        && looks_like_jwt(t.trim())
+    {
+        return Some((t.trim().to_string(), None));
+    }
+    if let Some(t) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok())
+        && let Some((scheme, token)) = t.split_once(' ')
+        && scheme.eq_ignore_ascii_case("bearer")
+    {
+        return Some((token.trim().to_string(), None));
+    }
+    for value in headers.get_all(SEC_WEBSOCKET_PROTOCOL) {
+        let Ok(value) = value.to_str() else { continue };
+        let offered: Vec<&str> = value.split(',').map(str::trim).collect();
+        if let Some(item) = offered.iter().find(|p| p.starts_with(TOKEN_SUBPROTOCOL_PREFIX)) {
+            let token = item[TOKEN_SUBPROTOCOL_PREFIX.len()..].to_string();
+            // Select `morrigan` when offered, else echo the token protocol: a browser fails the
+            // handshake if it offered protocols and the server selects none.
+            let selected = if offered.contains(&SUBPROTOCOL) {
+                HeaderValue::from_static(SUBPROTOCOL)
+            } else {
+                HeaderValue::from_str(item).ok()?
+            };
+            return Some((token, Some(selected)));
+        }
+    }
+    None
+}
+
+fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
+    let state = if status == StatusCode::UNAUTHORIZED {
+        "authenticationfailed"
+    } else {
+        "forbidden"
+    };
+    ApiError::new(status, state, reason).into_response()
+}
+
+/// The WebSocket endpoint (every connection token's `reportUrl`). The connection token is
+/// checked and consumed *before* the upgrade: a refused token gets 401/403 with a JSON reason,
+/// never a silent close. The first frame of an accepted socket is
+/// `{"type":"connection.state","state":"accepted","connectionId"}`.
+#[utoipa::path(get, path = "/api/core/connection/connect", tag = "connection",
+    security(("connectionToken" = [])),
+    responses((status = 101, description = "Switching protocols: WebSocket accepted"),
+              (status = 401, description = "No token, or a malformed, invalid or expired token", body = morrigan_protocol::api::ErrorBody),
+              (status = 403, description = "Token already used, connection closed, or refused by a hook", body = morrigan_protocol::api::ErrorBody),
+              (status = 426, description = "Not a WebSocket upgrade", body = morrigan_protocol::api::ErrorBody)))]
+async fn connect(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    // Check the upgrade first so that a plain GET never consumes a token.
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::UPGRADE_REQUIRED,
+                "requestError",
+                format!("This endpoint takes a WebSocket upgrade: {e}"),
+            )
+            .into_response();
+        }
+    };
+    if s.shutdown.is_cancelled() {
+        return ApiError::unavailable("The node is shutting down.").into_response();
+    }
+    let Some((token, protocol)) = connection_token(&headers) else {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "No connection token: send it in 'Origin', 'Authorization: Bearer', or as the \
+             sub-protocol 'morrigan.token.<token>'.",
+        );
+    };
+    let claims = match s.tokens.verify(&token, audience::CONNECTION).await {
+        Ok(c) => c,
+        Err(TokenError::Store(e)) => return ApiError::from(e).into_response(),
+        Err(e) => {
+            tracing::info!(%peer, reason = %e, "connection token refused");
+            return refuse(StatusCode::UNAUTHORIZED, format!("Connection token refused: {e}."));
+        }
+    };
+    let record = match s.store.connection(&claims.sub).await {
+        Err(e) => return ApiError::from(e).into_response(),
+        Ok(None) => return refuse(StatusCode::FORBIDDEN, "No such connection."),
+        Ok(Some(r)) => r,
+    };
+    if record.token_id != claims.jti || !record.open || record.connected.is_some() {
+        tracing::info!(%peer, connection = %record.id, "connection token replayed or closed");
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "Connection token already used or its connection is closed.",
+        );
+    }
+    for hook in &s.hooks {
+        if let Err(reason) = hook.authenticate(&record).await {
+            return refuse(StatusCode::FORBIDDEN, format!("Refused: {reason}"));
+        }
+    }
+    let now = time_format::now();
+    let accepted = match s
+        .store
+        .accept_connection(&record.id, &claims.jti, &s.node_id, &peer.ip().to_string(), &now)
+        .await
+    {
+        Err(e) => return ApiError::from(e).into_response(),
+        Ok(None) => {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "Connection token already used or its connection is closed.",
+            );
+        }
+        Ok(Some(r)) => r,
+    };
+    let mut ws = ws
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(s.config.max_message_size + 64 * 1024)
+        .max_message_size(s.config.max_message_size)
+        .max_frame_size(s.config.max_message_size);
+    if let Some(p) = protocol {
+        ws.set_selected_protocol(p);
+    }
+    let failed_state = s.clone();
+    let failed_id = accepted.id.clone();
+    let session_state = s.clone();
+    let tracker = s.sessions.clone();
+    ws.on_failed_upgrade(move |e| {
+        tracing::info!(error = %e, connection = %failed_id, "upgrade failed after accept");
+        tokio::spawn(async move {
+            let now = time_format::now();
+            let _ = failed_state
+                .store
+                .close_connection(
+                    &failed_id,
+                    &CloseInfo {
+                        at: &now,
+                        code: 1006,
+                        reason: "upgrade failed",
+                    },
+                )
+                .await;
+        });
+    })
+    .on_upgrade(move |socket| {
+        tracker.track_future(crate::session::run(session_state, accepted, socket))
+    })
+}

@@ -1,0 +1,119 @@
+//! The HTTP surface: the original's paths and bodies, each route annotated for the OpenAPI
+//! document it is generated into.
+
+pub mod auth;
+pub mod capability;
+pub mod client;
+pub mod connection;
+pub mod system;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use serde::de::DeserializeOwned;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// A JSON request body. Unlike `axum::Json` it does not insist on a `Content-Type` (the
+/// original's clients do not always send one) and it answers every failure with 400
+/// `{"state":"requestError","reason"}` instead of a framework default such as 415 or 422.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            ApiError::new(e.status(), "requestError", format!("Could not read the body: {e}"))
+        })?;
+        if bytes.is_empty() {
+            return Err(ApiError::bad_request("A JSON body is required."));
+        }
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Morrigan Server API",
+        description = "Authorizes and manages the WebSocket connections of a device-management system. \
+Operators authenticate with a user token (`Authorization: Bearer <token>` from `POST /api/auth`). \
+Devices exchange their identity token (`POST /api/core/connection`, raw or Bearer in `Authorization`) \
+for a 60-second single-use connection token, then open the WebSocket named by its `reportUrl` with \
+the token in `Origin`, `Authorization: Bearer`, or `Sec-WebSocket-Protocol: morrigan, morrigan.token.<token>`."
+    ),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "auth", description = "Operators: login and identities"),
+        (name = "connection", description = "Connections: token exchange, WebSocket, records, send, close"),
+        (name = "client", description = "Clients (devices): provisioning"),
+        (name = "capability", description = "Providers' and clients' capabilities"),
+        (name = "system", description = "Health and keys"),
+    )
+)]
+struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "userToken",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some("An operator's user token from POST /api/auth."))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "identityToken",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "Authorization",
+                "A device's identity token, raw (as the original) or as 'Bearer <token>'.",
+            ))),
+        );
+        components.add_security_scheme(
+            "connectionToken",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "Origin",
+                "A connection token (single use). Also accepted as 'Authorization: Bearer <token>' \
+                 or as the WebSocket sub-protocol 'morrigan.token.<token>'.",
+            ))),
+        );
+    }
+}
+
+/// Builds the router and the OpenAPI document generated from its route annotations.
+pub fn build(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
+    let body_limit = state.config.max_message_size + 16 * 1024;
+    let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(auth::routes())
+        .merge(connection::routes())
+        .merge(client::routes())
+        .merge(capability::routes())
+        .merge(system::routes())
+        .split_for_parts();
+    let docs = openapi.clone();
+    let router = router
+        .route(
+            morrigan_protocol::paths::API_DOCS,
+            axum::routing::get(move || {
+                let docs = docs.clone();
+                async move { axum::Json(docs) }
+            }),
+        )
+        .fallback(|| async { ApiError::not_found("No such route.") })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state);
+    (router, openapi)
+}

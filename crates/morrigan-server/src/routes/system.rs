@@ -1,0 +1,41 @@
+//! Health and keys.
+
+use axum::Json;
+use axum::extract::State;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::error::ApiResult;
+use crate::state::AppState;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(jwks))
+}
+
+/// Liveness and readiness: 200 once the node accepts connections, 503 while it shuts down.
+#[utoipa::path(get, path = "/healthz", tag = "system",
+    responses((status = 200, description = "Serving", body = serde_json::Value),
+              (status = 503, description = "Shutting down")))]
+async fn healthz(State(s): State<AppState>) -> (axum::http::StatusCode, Json<serde_json::Value>) {
+    let status = if s.shutdown.is_cancelled() {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        axum::http::StatusCode::OK
+    };
+    (
+        status,
+        Json(serde_json::json!({
+            "status": if status.is_success() { "ok" } else { "stopping" },
+            "nodeId": &*s.node_id,
+            "version": env!("CARGO_PKG_VERSION"),
+            "connections": s.hub.len(),
+        })),
+    )
+}
+
+/// The public halves of every node's signing key (JWKS, Ed25519 `OKP` keys).
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "system",
+    responses((status = 200, description = "JSON Web Key Set", body = serde_json::Value)))]
+async fn jwks(State(s): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+    Ok(Json(s.tokens.jwks().await?))
+}

@@ -1,0 +1,470 @@
+//! Starting, serving and stopping a node.
+//!
+//! [`Server::builder`] opens the store, loads the node id and signing key, creates the first
+//! admin, closes records a crashed predecessor left open and binds the listener;
+//! [`Server::run`] accepts connections until the shutdown future resolves, then closes every
+//! socket with 1001, waits for their records to be written and marks the node stopped.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use morrigan_protocol::close;
+use morrigan_protocol::time_format;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use tower_http::normalize_path::NormalizePath;
+
+use crate::auth::{self, functions};
+use crate::config::Config;
+use crate::hooks::Hooks;
+use crate::hub::Hub;
+use crate::providers::{Provider, Providers};
+use crate::state::{AppState, Inner};
+use crate::store::{CloseInfo, IdentityRow, NodeRow, Store, StoreError, sqlite::SqliteStore};
+use crate::tokens::{KeyError, Tokens};
+
+/// How long a node's lease lasts; renewed every third of it.
+pub const NODE_LEASE: Duration = Duration::from_secs(15);
+/// How often expired tokens, unused connection tokens and old records are cleaned up.
+pub const MAINTENANCE_PERIOD: Duration = Duration::from_secs(60);
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("unsupported database URL '{0}' (this build supports sqlite: URLs)")]
+    Database(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("could not create the admin identity: {0}")]
+    Admin(String),
+}
+
+/// Adds providers and hooks before a node starts.
+pub struct ServerBuilder {
+    config: Config,
+    providers: Providers,
+    hooks: Vec<Arc<dyn Hooks>>,
+    listener: Option<TcpListener>,
+}
+
+impl ServerBuilder {
+    /// Registers a message provider (its `name()` is the `type` prefix it handles).
+    pub fn provider(mut self, provider: Arc<dyn Provider>) -> Self {
+        self.providers.register(provider);
+        self
+    }
+
+    /// Registers connection hooks.
+    pub fn hook(mut self, hook: Arc<dyn Hooks>) -> Self {
+        self.hooks.push(hook);
+        self
+    }
+
+    /// Serves on an already bound listener instead of binding `config.listen`.
+    pub fn listener(mut self, listener: TcpListener) -> Self {
+        self.listener = Some(listener);
+        self
+    }
+
+    /// Opens everything and binds; the node is ready to [`Server::run`].
+    pub async fn build(self) -> Result<Server, StartError> {
+        let config = self.config;
+        create_data_dir(&config.data_dir)?;
+        let node_id = load_node_id(&config.data_dir)?;
+        let store = open_store(&config).await?;
+        let tls = match &config.tls {
+            Some(files) => Some(crate::tls::acceptor(&files.cert, &files.key)?),
+            None => None,
+        };
+        let listener = match self.listener {
+            Some(l) => l,
+            None => TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?,
+        };
+        let bound = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let tokens = Tokens::load_or_create(&config.data_dir, &node_id, store.clone()).await?;
+        bootstrap_admin(&config, store.as_ref()).await?;
+
+        // Records this node left open are from a crash: their sockets are gone.
+        let now = time_format::now();
+        let recovered = store
+            .close_node_connections(
+                &node_id,
+                &CloseInfo {
+                    at: &now,
+                    code: 1006,
+                    reason: "node stopped without closing; closed at restart",
+                },
+            )
+            .await?;
+        if recovered > 0 {
+            tracing::warn!(
+                count = recovered,
+                "closed connection records left open by a previous run"
+            );
+        }
+        let base_url = config.base_url(bound);
+        store
+            .register_node(&NodeRow {
+                id: node_id.clone(),
+                public_url: base_url.clone(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                started: now.clone(),
+                lease_expires: time_format::format(time::OffsetDateTime::now_utc() + NODE_LEASE),
+                state: "running".into(),
+            })
+            .await?;
+
+        let (heartbeats, heartbeat_rx) = crate::heartbeat::queue();
+        let state = AppState(Arc::new(Inner {
+            config,
+            node_id: Arc::from(node_id.as_str()),
+            base_url,
+            store,
+            tokens,
+            hub: Hub::new(),
+            providers: self.providers,
+            hooks: self.hooks,
+            heartbeats,
+            sessions: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+        }));
+        let (router, _) = crate::routes::build(state.clone());
+        Ok(Server {
+            state,
+            router,
+            listener,
+            tls,
+            bound,
+            heartbeat_rx,
+        })
+    }
+}
+
+/// A started node, bound and ready to serve.
+pub struct Server {
+    state: AppState,
+    router: Router,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    bound: SocketAddr,
+    heartbeat_rx: tokio::sync::mpsc::UnboundedReceiver<(Arc<str>, Arc<crate::hub::Liveness>)>,
+}
+
+impl Server {
+    /// A builder with the built-in providers.
+    pub fn builder(config: Config) -> ServerBuilder {
+        ServerBuilder {
+            config,
+            providers: Providers::builtin(),
+            hooks: Vec::new(),
+            listener: None,
+        }
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.bound
+    }
+
+    /// The node's shared state.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then stops gracefully.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Server {
+            state,
+            router,
+            listener,
+            tls,
+            bound,
+            heartbeat_rx,
+        } = self;
+        let background = CancellationToken::new();
+        let flusher = tokio::spawn(crate::heartbeat::run_flusher(
+            state.store.clone(),
+            heartbeat_rx,
+            background.clone(),
+        ));
+        let maintenance = tokio::spawn(maintain(state.clone(), background.clone()));
+
+        let service = NormalizePath::trim_trailing_slash(router);
+        let graceful = GracefulShutdown::new();
+        let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10))
+            .max_buf_size(64 * 1024);
+        let http = http.http1_only();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(address = %bound, %scheme, node = %state.node_id, report_url = %state.report_url(), "serving");
+
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors, mostly: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let service = service.clone();
+            let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                service.clone().oneshot(req)
+            });
+            match &tls {
+                None => {
+                    let conn = http.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    let conn = graceful.watch(conn.into_owned());
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                }
+                Some(acceptor) => {
+                    let acceptor = acceptor.clone();
+                    let http = http.clone();
+                    let watcher = graceful.watcher();
+                    tokio::spawn(async move {
+                        let stream = match tokio::time::timeout(
+                            Duration::from_secs(10),
+                            acceptor.accept(stream),
+                        )
+                        .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                        let conn = http.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                        let _ = watcher.watch(conn.into_owned()).await;
+                    });
+                }
+            }
+        }
+        drop(listener);
+
+        tracing::info!(connections = state.hub.len(), "shutting down");
+        state.shutdown.cancel();
+        state.hub.close_all(close::GOING_AWAY, "server shutting down").await;
+        state.sessions.close();
+        let deadline = state.config.shutdown_timeout;
+        if tokio::time::timeout(deadline, async {
+            state.sessions.wait().await;
+            graceful.shutdown().await;
+        })
+        .await
+        .is_err()
+        {
+            tracing::warn!(
+                remaining = state.hub.len(),
+                "shutdown timed out; closing remaining records"
+            );
+            let now = time_format::now();
+            let _ = state
+                .store
+                .close_node_connections(
+                    &state.node_id,
+                    &CloseInfo {
+                        at: &now,
+                        code: close::GOING_AWAY,
+                        reason: "server shutting down",
+                    },
+                )
+                .await;
+        }
+        background.cancel();
+        let _ = flusher.await;
+        let _ = maintenance.await;
+        if let Err(e) = state.store.stop_node(&state.node_id, &time_format::now()).await {
+            tracing::warn!(error = %e, "could not mark the node stopped");
+        }
+        tracing::info!("stopped");
+    }
+}
+
+/// Periodic upkeep: node lease, unused connection tokens, expired tokens, retention.
+async fn maintain(state: AppState, stop: CancellationToken) {
+    let mut lease = tokio::time::interval(NODE_LEASE / 3);
+    let mut upkeep = tokio::time::interval(MAINTENANCE_PERIOD);
+    lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = lease.tick() => {
+                let until = time_format::format(time::OffsetDateTime::now_utc() + NODE_LEASE);
+                if let Err(e) = state.store.renew_node(&state.node_id, &until).await {
+                    tracing::warn!(error = %e, "could not renew the node lease");
+                }
+            }
+            _ = upkeep.tick() => {
+                if let Err(e) = upkeep_once(&state).await {
+                    tracing::warn!(error = %e, "maintenance failed");
+                }
+            }
+        }
+    }
+}
+
+/// One round of cleanup (also called by tests).
+pub async fn upkeep_once(state: &AppState) -> Result<(), StoreError> {
+    let now = time::OffsetDateTime::now_utc();
+    let now_s = time_format::format(now);
+    let expired = state.store.expire_pending_connections(&now_s).await?;
+    let cutoff = time_format::format(now - state.config.retention);
+    let purged = state.store.purge_closed_connections(&cutoff).await?;
+    let tokens = state.store.purge_expired_tokens(&now_s).await?;
+    if expired + purged + tokens > 0 {
+        tracing::debug!(expired, purged, tokens, "maintenance");
+    }
+    Ok(())
+}
+
+fn create_data_dir(dir: &Path) -> Result<(), StartError> {
+    let err = |source| StartError::DataDir {
+        path: dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The node id lives in `<data_dir>/node-id`, created on first start.
+fn load_node_id(dir: &Path) -> Result<String, StartError> {
+    let path = dir.join("node-id");
+    let err = |source| StartError::DataDir {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(s) if uuid::Uuid::parse_str(s.trim()).is_ok() => Ok(s.trim().to_string()),
+        Ok(_) => Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "node-id does not hold a UUID",
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = uuid::Uuid::new_v4().to_string();
+            crate::fsutil::write_private(&path, id.as_bytes()).map_err(err)?;
+            Ok(id)
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+    match config.database_url.as_deref() {
+        None => Ok(Arc::new(
+            SqliteStore::open(&config.data_dir.join("morrigan.db")).await?,
+        )),
+        Some(url) if url.starts_with("sqlite:") => Ok(Arc::new(SqliteStore::connect(url).await?)),
+        Some(url) => Err(StartError::Database(
+            url.split('@').next_back().unwrap_or("").to_string(),
+        )),
+    }
+}
+
+/// On a first start (no identities) creates `admin` with every function. The password is
+/// `MORRIGAN_ADMIN_PASSWORD` if set, else generated and written to
+/// `<data_dir>/initial-admin-password` (mode 0600). No password is hard-coded (S6).
+async fn bootstrap_admin(config: &Config, store: &dyn Store) -> Result<(), StartError> {
+    if store.count_identities().await? > 0 {
+        return Ok(());
+    }
+    let (password, generated) = match &config.admin_password {
+        Some(p) if auth::valid_password(p) => (p.clone(), false),
+        Some(_) => {
+            return Err(StartError::Admin(
+                "the admin password must be 8 to 1024 characters".into(),
+            ));
+        }
+        None => {
+            use base64::Engine;
+            let mut bytes = [0u8; 18];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+            (
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes),
+                true,
+            )
+        }
+    };
+    let pw = password.clone();
+    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&pw))
+        .await
+        .map_err(|e| StartError::Admin(e.to_string()))?
+        .map_err(|e| StartError::Admin(e.reason))?;
+    let now = time_format::now();
+    store
+        .insert_identity(&IdentityRow {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: "admin".into(),
+            functions: functions::ALL.iter().map(|s| s.to_string()).collect(),
+            password_hash: hash,
+            created: now.clone(),
+            updated: now,
+        })
+        .await?;
+    if generated {
+        let path = config.data_dir.join("initial-admin-password");
+        crate::fsutil::write_private(&path, format!("{password}\n").as_bytes()).map_err(
+            |source| StartError::DataDir {
+                path: path.display().to_string(),
+                source,
+            },
+        )?;
+        eprintln!(
+            "Created identity 'admin'. Its generated password is in {} (readable by this user only).",
+            path.display()
+        );
+    } else {
+        eprintln!("Created identity 'admin' with the password from MORRIGAN_ADMIN_PASSWORD.");
+    }
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! The state every route and connection task shares.
+
+use std::ops::Deref;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::heartbeat::HeartbeatQueue;
+use crate::hooks::Hooks;
+use crate::hub::Hub;
+use crate::providers::Providers;
+use crate::store::Store;
+use crate::tokens::Tokens;
+
+/// Cheaply cloneable handle to the node's state.
+#[derive(Clone)]
+pub struct AppState(pub(crate) Arc<Inner>);
+
+pub struct Inner {
+    pub config: Config,
+    /// This node's id: `iss` of its tokens, `serverId` of the records it holds.
+    pub node_id: Arc<str>,
+    /// Base of report URLs (`http(s)://host:port`).
+    pub base_url: String,
+    pub store: Arc<dyn Store>,
+    pub tokens: Tokens,
+    pub hub: Hub,
+    pub providers: Providers,
+    pub hooks: Vec<Arc<dyn Hooks>>,
+    pub heartbeats: HeartbeatQueue,
+    /// Every connection task, so shutdown can wait for their records to be written.
+    pub sessions: TaskTracker,
+    /// Cancelled when the node starts shutting down.
+    pub shutdown: CancellationToken,
+}
+
+impl Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// The report URL every connection token names.
+    pub fn report_url(&self) -> String {
+        format!("{}{}", self.base_url, morrigan_protocol::paths::CONNECT)
+    }
+}

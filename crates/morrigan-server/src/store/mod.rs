@@ -1,0 +1,213 @@
+//! Persistence. [`Store`] is the one interface the rest of the server uses; each backend is one
+//! file beside this one ([`sqlite`] now, PostgreSQL for clusters next). The trait speaks in
+//! protocol records and plain strings: no backend type leaks through it.
+//!
+//! Timestamps are stored as fixed-width ISO 8601 UTC text (see
+//! [`morrigan_protocol::time_format`]), so ordering and range queries are plain string
+//! comparisons on every backend.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use morrigan_protocol::records::{ClientCapabilities, ClientRecord, ConnectionRecord};
+
+/// Store failures. Backend errors are wrapped, not exposed by type.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A uniqueness constraint was violated (e.g. an identity name already in use).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(String),
+    /// Stored data could not be decoded.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The kinds of token the server issues; each has its own lifetime and audience.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// An operator's session token (30 minutes).
+    User,
+    /// A device's long-lived identity token (30 days).
+    Identity,
+}
+
+impl TokenKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::User => "user",
+            TokenKind::Identity => "identity",
+        }
+    }
+}
+
+/// A revocable token's record. Connection tokens have none: their connection record is their
+/// record, and accepting the connection consumes them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRow {
+    pub id: String,
+    pub kind: TokenKind,
+    pub subject: String,
+    pub issuer: String,
+    pub issued: String,
+    pub expires: String,
+}
+
+/// The public half of a node's signing key. Any node verifies any node's tokens with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SigningKeyRow {
+    pub kid: String,
+    pub node_id: String,
+    /// Raw 32-byte Ed25519 public key.
+    pub public_key: Vec<u8>,
+    pub created: String,
+}
+
+/// An operator identity with its password hash (PHC string, argon2id).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdentityRow {
+    pub id: String,
+    pub name: String,
+    pub functions: Vec<String>,
+    pub password_hash: String,
+    pub created: String,
+    pub updated: String,
+}
+
+/// A coalesced heartbeat observation, written in batches (never one write per pong).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Heartbeat {
+    pub connection_id: String,
+    pub alive: bool,
+    pub last_heartbeat: Option<String>,
+}
+
+/// A node of the cluster (a single server is a cluster of one).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRow {
+    pub id: String,
+    pub public_url: String,
+    pub version: String,
+    pub started: String,
+    pub lease_expires: String,
+    /// `running` or `stopped`.
+    pub state: String,
+}
+
+/// Filters for listing connection records.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionFilter {
+    pub client_id: Option<String>,
+    pub server_id: Option<String>,
+    pub open: Option<bool>,
+    pub limit: u32,
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CloseInfo<'a> {
+    pub at: &'a str,
+    pub code: u16,
+    pub reason: &'a str,
+}
+
+/// Everything the server persists.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // --- signing keys ---
+    async fn put_signing_key(&self, key: &SigningKeyRow) -> Result<()>;
+    async fn signing_key(&self, kid: &str) -> Result<Option<SigningKeyRow>>;
+    async fn signing_keys(&self) -> Result<Vec<SigningKeyRow>>;
+
+    // --- nodes ---
+    /// Registers or re-registers a node as running.
+    async fn register_node(&self, node: &NodeRow) -> Result<()>;
+    async fn renew_node(&self, id: &str, lease_expires: &str) -> Result<()>;
+    async fn stop_node(&self, id: &str, at: &str) -> Result<()>;
+    async fn nodes(&self) -> Result<Vec<NodeRow>>;
+
+    // --- identities (operators) ---
+    async fn count_identities(&self) -> Result<i64>;
+    /// Fails with [`StoreError::Conflict`] when the name is taken.
+    async fn insert_identity(&self, row: &IdentityRow) -> Result<()>;
+    async fn identity(&self, id: &str) -> Result<Option<IdentityRow>>;
+    async fn identity_by_name(&self, name: &str) -> Result<Option<IdentityRow>>;
+    async fn identities(&self) -> Result<Vec<IdentityRow>>;
+    /// Replaces name, functions and hash; false when the identity does not exist.
+    async fn update_identity(&self, row: &IdentityRow) -> Result<bool>;
+    async fn delete_identity(&self, id: &str) -> Result<bool>;
+
+    // --- revocable tokens ---
+    async fn insert_token(&self, row: &TokenRow) -> Result<()>;
+    /// The token's record if it exists and has not expired at `now`.
+    async fn live_token(&self, id: &str, now: &str) -> Result<Option<TokenRow>>;
+    /// Deletes every token of `subject` of this kind except `keep`.
+    async fn revoke_tokens(&self, kind: TokenKind, subject: &str, keep: Option<&str>)
+    -> Result<u64>;
+    /// Moves the expiry of every other token of `subject` to at most `expires` (a grace period
+    /// after a refresh, so a device that lost the new token can still come back once).
+    async fn shorten_tokens(
+        &self,
+        kind: TokenKind,
+        subject: &str,
+        keep: &str,
+        expires: &str,
+    ) -> Result<u64>;
+    async fn purge_expired_tokens(&self, now: &str) -> Result<u64>;
+
+    // --- clients (devices) ---
+    /// Creates the client if absent (else bumps `updated`) and returns it.
+    async fn upsert_client(&self, id: &str, now: &str) -> Result<ClientRecord>;
+    async fn client(&self, id: &str) -> Result<Option<ClientRecord>>;
+    async fn clients(&self) -> Result<Vec<ClientRecord>>;
+    /// Deletes the client, its tokens and its capabilities; false if it did not exist.
+    async fn delete_client(&self, id: &str) -> Result<bool>;
+    async fn set_client_token(&self, id: &str, token_id: &str, now: &str) -> Result<bool>;
+    async fn set_client_state(&self, id: &str, state: &str, now: &str) -> Result<bool>;
+    async fn set_capabilities(&self, id: &str, capabilities: &str, now: &str) -> Result<bool>;
+    async fn capabilities(&self, id: &str) -> Result<Option<ClientCapabilities>>;
+
+    // --- connections ---
+    /// Inserts a pending connection (token issued, not yet used) that expires at `token_expires`.
+    async fn insert_connection(&self, record: &ConnectionRecord, token_expires: &str) -> Result<()>;
+    async fn connection(&self, id: &str) -> Result<Option<ConnectionRecord>>;
+    async fn connections(&self, filter: &ConnectionFilter) -> Result<Vec<ConnectionRecord>>;
+    /// Atomically consumes the connection token `token_id` of connection `id` and marks it
+    /// connected on `server_id`. Returns `None` when the token was already used, the record is
+    /// closed, or the token expired: this single statement is what makes tokens single-use.
+    async fn accept_connection(
+        &self,
+        id: &str,
+        token_id: &str,
+        server_id: &str,
+        address: &str,
+        now: &str,
+    ) -> Result<Option<ConnectionRecord>>;
+    /// Open connections of a client other than `except` (for supersede).
+    async fn open_connections_of_client(
+        &self,
+        client_id: &str,
+        except: &str,
+    ) -> Result<Vec<ConnectionRecord>>;
+    /// Closes one connection record if it is open; false if it was already closed or unknown.
+    async fn close_connection(&self, id: &str, close: &CloseInfo<'_>) -> Result<bool>;
+    /// Closes every open connection of a client; returns the ones it closed.
+    async fn close_client_connections(
+        &self,
+        client_id: &str,
+        close: &CloseInfo<'_>,
+    ) -> Result<Vec<ConnectionRecord>>;
+    /// Closes every open record held by `server_id` (crash recovery, lease expiry).
+    async fn close_node_connections(&self, server_id: &str, close: &CloseInfo<'_>) -> Result<u64>;
+    /// Writes a batch of coalesced heartbeats to open records.
+    async fn record_heartbeats(&self, beats: &[Heartbeat]) -> Result<()>;
+    /// Closes pending records whose token expired unused.
+    async fn expire_pending_connections(&self, now: &str) -> Result<u64>;
+    /// Deletes closed records that ended before `before` (retention).
+    async fn purge_closed_connections(&self, before: &str) -> Result<u64>;
+}
