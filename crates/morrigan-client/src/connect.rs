@@ -1,0 +1,568 @@
+//! One connection attempt: token exchange, WebSocket upgrade, wait for `accepted`.
+//!
+//! [`Endpoint`] is the reusable part (provider URL, HTTP client with its connection pool, TLS
+//! settings); [`Connection`] is one accepted WebSocket. The [`Client`](crate::Client) builds on
+//! both; tools and load generators can use them directly.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use morrigan_protocol::api::TokenResponse;
+use morrigan_protocol::message::{ConnectionState, types};
+use morrigan_protocol::{MessageType, close};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, header};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use url::Url;
+
+use crate::Error;
+use crate::token::{check_token_shape, peek_claims, report_url_to_ws, token_label};
+
+/// The WebSocket stream type of a [`Connection`].
+pub type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Default bound on each network step (HTTP exchange, WebSocket handshake, waiting for
+/// `accepted`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where and how to connect: the provider URL plus HTTP and TLS settings.
+///
+/// Cheap to clone (the HTTP client and TLS configuration are shared); reuse one for many
+/// connections so that HTTP keep-alive and TLS session resumption apply.
+#[derive(Clone)]
+pub struct Endpoint {
+    provider_url: Url,
+    http: reqwest::Client,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("provider_url", &self.provider_url.as_str())
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Endpoint {
+    /// An endpoint that trusts the platform's root certificates.
+    ///
+    /// `provider_url` is the connection provider's root, e.g.
+    /// `https://morrigan.example/api/core/connection`
+    /// ([`paths::CONNECTION`](morrigan_protocol::paths::CONNECTION)).
+    pub fn new(provider_url: &str) -> Result<Self, Error> {
+        Self::with_root_cas(provider_url, &[] as &[&[u8]])
+    }
+
+    /// An endpoint that also trusts the CA certificates in `root_ca_pems` (each a PEM bundle),
+    /// for both HTTPS and WSS (a server with a private or self-signed CA).
+    pub fn with_root_cas(
+        provider_url: &str,
+        root_ca_pems: &[impl AsRef<[u8]>],
+    ) -> Result<Self, Error> {
+        let provider_url = Url::parse(provider_url)
+            .map_err(|e| Error::Config(format!("provider URL {provider_url:?}: {e}")))?;
+        if !matches!(provider_url.scheme(), "http" | "https") {
+            return Err(Error::Config(format!(
+                "provider URL must be http or https, not {:?}",
+                provider_url.scheme()
+            )));
+        }
+        let mut roots = Vec::new();
+        for pem in root_ca_pems {
+            let certs = CertificateDer::pem_slice_iter(pem.as_ref())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Error::Config(format!("root CA PEM: {e}")))?;
+            if certs.is_empty() {
+                return Err(Error::Config("root CA PEM holds no certificate".into()));
+            }
+            roots.extend(certs);
+        }
+        let tls = Arc::new(tls_config(&roots)?);
+        let http = reqwest::Client::builder()
+            .tls_certs_merge(
+                roots
+                    .iter()
+                    .map(|der| reqwest::Certificate::from_der(der))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| Error::Config(format!("root CA: {e}")))?,
+            )
+            .user_agent(concat!("morrigan-client/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::Config(format!("HTTP client: {e}")))?;
+        Ok(Self {
+            provider_url,
+            http,
+            tls,
+            timeout: DEFAULT_TIMEOUT,
+        })
+    }
+
+    /// Bounds each network step (default [`DEFAULT_TIMEOUT`]).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn provider_url(&self) -> &Url {
+        &self.provider_url
+    }
+
+    /// Exchanges an identity token for a connection token (`POST <provider_url>`).
+    ///
+    /// The identity token goes raw in `Authorization` (the original server accepts nothing else)
+    /// and in the body. Any content type is accepted: the original labels JSON `text/html`.
+    /// 401/403 give [`Error::IdentityRejected`] (fatal); other statuses
+    /// [`Error::ExchangeFailed`].
+    pub async fn exchange_token(&self, identity_token: &str) -> Result<String, Error> {
+        check_token_shape(identity_token)
+            .map_err(|_| Error::Config("identity token is not a JWT".into()))?;
+        let trace_id = format!("{:032x}", rand::random::<u128>());
+        tracing::debug!(
+            url = %self.provider_url, token = %token_label(identity_token), %trace_id,
+            "requesting connection token"
+        );
+        let response = self
+            .http
+            .post(self.provider_url.clone())
+            .header(header::AUTHORIZATION, identity_token)
+            .json(&serde_json::json!({ "idtoken": identity_token, "traceId": trace_id }))
+            .timeout(self.timeout)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        let body = response.text().await?;
+        match status {
+            200 => {
+                let parsed: TokenResponse = serde_json::from_str(&body).map_err(|e| {
+                    Error::Protocol(format!(
+                        "token exchange answer is not a token response: {e}"
+                    ))
+                })?;
+                check_token_shape(&parsed.token)?;
+                Ok(parsed.token)
+            }
+            401 | 403 => {
+                let (state, reason) = error_body(&body);
+                Err(Error::IdentityRejected {
+                    status,
+                    state,
+                    reason,
+                })
+            }
+            _ => Err(Error::ExchangeFailed {
+                status,
+                reason: error_body(&body).1,
+            }),
+        }
+    }
+
+    /// Exchanges the identity token, opens the WebSocket and waits for `accepted`.
+    pub async fn connect(&self, identity_token: &str) -> Result<Connection, Error> {
+        let connection_token = self.exchange_token(identity_token).await?;
+        self.connect_with_token(&connection_token).await
+    }
+
+    /// Opens the WebSocket with a connection token already obtained, and waits for `accepted`.
+    pub async fn connect_with_token(&self, connection_token: &str) -> Result<Connection, Error> {
+        let label = token_label(connection_token);
+        let report_url = peek_claims(connection_token)?
+            .report_url
+            .ok_or_else(|| Error::Protocol("connection token has no reportUrl".into()))?;
+        let url = report_url_to_ws(&report_url)?;
+        if self.provider_url.scheme() == "https" && url.scheme() == "ws" {
+            tracing::warn!(%url, "server told an HTTPS client to connect without TLS");
+        }
+        let mut request = url.as_str().into_client_request()?;
+        let origin = HeaderValue::from_str(connection_token)
+            .map_err(|_| Error::Protocol("connection token is not a valid header value".into()))?;
+        request.headers_mut().insert(header::ORIGIN, origin);
+        let config = WebSocketConfig::default()
+            .read_buffer_size(16 * 1024)
+            .write_buffer_size(0)
+            .max_message_size(Some(16 << 20));
+        tracing::debug!(%url, token = %label, "opening WebSocket");
+        let handshake = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(config),
+            true,
+            Some(tokio_tungstenite::Connector::Rustls(self.tls.clone())),
+        );
+        let ws = match tokio::time::timeout(self.timeout, handshake).await {
+            Err(_) => return Err(Error::Timeout("WebSocket handshake")),
+            Ok(Err(tungstenite::Error::Http(response))) => {
+                let status = response.status().as_u16();
+                let body = response.body().as_deref().unwrap_or_default();
+                let reason = error_body(&String::from_utf8_lossy(body)).1;
+                return Err(Error::UpgradeRefused { status, reason });
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok((ws, _response))) => ws,
+        };
+        let mut connection = Connection {
+            ws,
+            url,
+            connection_id: None,
+            pending: VecDeque::new(),
+        };
+        match tokio::time::timeout(self.timeout, connection.wait_accepted()).await {
+            Err(_) => {
+                connection.abort().await;
+                Err(Error::Timeout("connection.state accepted"))
+            }
+            Ok(Err(e)) => {
+                connection.abort().await;
+                Err(e)
+            }
+            Ok(Ok(())) => Ok(connection),
+        }
+    }
+}
+
+/// Connects once, without retries: token exchange, WebSocket, `accepted`.
+///
+/// For tools and load generators. For a device, use [`Client`](crate::Client), which reconnects,
+/// refreshes the identity token and dispatches messages.
+pub async fn connect_once(provider_url: &str, identity_token: &str) -> Result<Connection, Error> {
+    Endpoint::new(provider_url)?.connect(identity_token).await
+}
+
+fn tls_config(extra_roots: &[CertificateDer<'static>]) -> Result<rustls::ClientConfig, Error> {
+    // An explicit provider rather than the process default: the application may not install one,
+    // and another dependency enabling `ring` would make the default ambiguous.
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = if extra_roots.is_empty() {
+        rustls_platform_verifier::Verifier::new(provider.clone())
+    } else {
+        rustls_platform_verifier::Verifier::new_with_extra_roots(
+            extra_roots.iter().cloned(),
+            provider.clone(),
+        )
+    }
+    .map_err(|e| Error::Config(format!("TLS verifier: {e}")))?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("TLS: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth())
+}
+
+/// `(state, reason)` of an error body `{"state","status"?,"reason"}`; a non-JSON body (a proxy's
+/// error page) becomes a short excerpt.
+fn error_body(body: &str) -> (String, String) {
+    let field = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+    match serde_json::from_str::<Value>(body) {
+        Ok(v) => {
+            let state = field(&v, "state")
+                .or_else(|| field(&v, "status"))
+                .unwrap_or_default();
+            let reason = field(&v, "reason").unwrap_or_default();
+            (state, reason)
+        }
+        Err(_) => (String::new(), body.chars().take(200).collect()),
+    }
+}
+
+/// What [`Connection::recv`] returns.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    /// A JSON object with a valid `type`.
+    Message(Value),
+    /// The connection ended: the peer's close code (1005 when it sent none, 1006 when the socket
+    /// ended without a close frame) and reason.
+    Closed { code: u16, reason: String },
+}
+
+/// An accepted WebSocket connection.
+pub struct Connection {
+    ws: WsStream,
+    url: Url,
+    connection_id: Option<String>,
+    /// Messages that arrived before `accepted` (none from a conforming server), delivered first.
+    pending: VecDeque<Value>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("url", &self.url.as_str())
+            .field("connection_id", &self.connection_id)
+            .finish_non_exhaustive()
+    }
+}
+
+const ABNORMAL: u16 = 1006;
+const NO_STATUS: u16 = 1005;
+
+impl Connection {
+    /// The connection record's id, when the server sent one with `accepted`.
+    pub fn connection_id(&self) -> Option<&str> {
+        self.connection_id.as_deref()
+    }
+
+    /// The WebSocket URL (the token's `reportUrl`, mapped to ws/wss).
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+
+    /// Sends a message after checking that it is an object with a valid `type`.
+    pub async fn send(&mut self, message: &Value) -> Result<(), Error> {
+        let text = encode(message)?;
+        self.ws.send(Message::text(text)).await?;
+        Ok(())
+    }
+
+    /// Sends text already produced by [`encode`].
+    pub(crate) async fn send_text(&mut self, text: String) -> Result<(), Error> {
+        self.ws.send(Message::text(text)).await?;
+        Ok(())
+    }
+
+    /// The next message. Pings are answered (by tungstenite) while this is polled; frames that are
+    /// not a JSON object with a valid `type` are skipped. Cancel-safe.
+    pub async fn recv(&mut self) -> Incoming {
+        if let Some(message) = self.pending.pop_front() {
+            return Incoming::Message(message);
+        }
+        loop {
+            match self.ws.next().await {
+                Some(Ok(Message::Text(text))) => match decode(text.as_str()) {
+                    Ok(message) => return Incoming::Message(message),
+                    Err(why) => tracing::debug!(%why, "ignoring frame"),
+                },
+                Some(Ok(Message::Binary(bytes))) => {
+                    // The original server parsed binary frames as JSON too; so does this.
+                    match std::str::from_utf8(&bytes)
+                        .map_err(|e| e.to_string())
+                        .and_then(decode)
+                    {
+                        Ok(message) => return Incoming::Message(message),
+                        Err(why) => tracing::debug!(%why, "ignoring binary frame"),
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = frame.map_or((NO_STATUS, String::new()), |f| {
+                        (u16::from(f.code), f.reason.to_string())
+                    });
+                    // tungstenite queued the close reply; polling on flushes it and ends the
+                    // stream. Bounded, in case the server never closes the TCP connection.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), self.drain()).await;
+                    return Incoming::Closed { code, reason };
+                }
+                Some(Ok(_)) => {} // Ping/Pong/raw frames: nothing to do.
+                Some(Err(e)) => {
+                    return Incoming::Closed {
+                        code: ABNORMAL,
+                        reason: e.to_string(),
+                    };
+                }
+                None => {
+                    return Incoming::Closed {
+                        code: ABNORMAL,
+                        reason: "connection ended without a close frame".into(),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Closes with `code` and `reason` and waits up to `timeout` for the server's close. Returns
+    /// the server's close code (1006 when it did not answer).
+    pub async fn close(mut self, code: u16, reason: &str, timeout: Duration) -> u16 {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
+        if self.ws.close(Some(frame)).await.is_err() {
+            return ABNORMAL;
+        }
+        let wait = async {
+            loop {
+                match self.recv().await {
+                    Incoming::Closed { code, .. } => return code,
+                    Incoming::Message(_) => {} // too late to handle
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .unwrap_or(ABNORMAL)
+    }
+
+    /// Gives up the connection's parts, for callers that want the raw WebSocket.
+    pub fn into_inner(self) -> WsStream {
+        self.ws
+    }
+
+    async fn drain(&mut self) {
+        while self.ws.next().await.is_some() {}
+    }
+
+    async fn abort(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.ws.close(None)).await;
+    }
+
+    async fn wait_accepted(&mut self) -> Result<(), Error> {
+        loop {
+            match self.recv().await {
+                Incoming::Message(message)
+                    if message.get("type").and_then(Value::as_str)
+                        == Some(types::CONNECTION_STATE) =>
+                {
+                    let state: ConnectionState = serde_json::from_value(message).map_err(|e| {
+                        Error::Protocol(format!("connection.state is malformed: {e}"))
+                    })?;
+                    return match state.state.as_str() {
+                        "accepted" => {
+                            self.connection_id = state.connection_id;
+                            Ok(())
+                        }
+                        "rejected" => Err(Error::Rejected {
+                            reason: state.reason.unwrap_or_default(),
+                        }),
+                        other => Err(Error::Protocol(format!(
+                            "unexpected connection.state {other:?}"
+                        ))),
+                    };
+                }
+                Incoming::Message(message) => self.pending.push_back(message),
+                Incoming::Closed { code, reason } => {
+                    return Err(stop_error(code, &reason)
+                        .unwrap_or(Error::ClosedBeforeAccepted { code, reason }));
+                }
+            }
+        }
+    }
+}
+
+/// The error that stops a client after a close with `code`, when the code says to stop.
+pub(crate) fn stop_error(code: u16, reason: &str) -> Option<Error> {
+    match close::advice(code) {
+        close::Advice::Stop if code == close::SUPERSEDED => Some(Error::Superseded {
+            reason: reason.to_string(),
+        }),
+        close::Advice::Stop => Some(Error::Revoked {
+            code,
+            reason: reason.to_string(),
+        }),
+        close::Advice::Reconnect | close::Advice::ReconnectWithJitter => None,
+    }
+}
+
+/// Serializes a message after validating it: a JSON object whose `type` is valid.
+pub(crate) fn encode(message: &Value) -> Result<String, Error> {
+    let ty = message
+        .as_object()
+        .ok_or_else(|| Error::InvalidMessage("a message must be a JSON object".into()))?
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::InvalidMessage("a message needs a string \"type\"".into()))?;
+    MessageType::parse(ty).map_err(|source| Error::InvalidType {
+        ty: ty.to_string(),
+        source,
+    })?;
+    serde_json::to_string(message).map_err(|e| Error::InvalidMessage(e.to_string()))
+}
+
+/// Parses a received frame: a JSON object with a valid `type`.
+fn decode(text: &str) -> Result<Value, String> {
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+    let ty = value
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or("not an object with a string type")?;
+    MessageType::parse(ty).map_err(|e| format!("type {ty:?}: {e}"))?;
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn encode_validates_before_sending() {
+        assert!(encode(&json!({"type": "agent.pong", "n": 1})).is_ok());
+        assert!(matches!(
+            encode(&json!({"type": "agent"})),
+            Err(Error::InvalidType { .. })
+        ));
+        assert!(matches!(
+            encode(&json!({"type": "a^b.c"})),
+            Err(Error::InvalidType { .. })
+        ));
+        assert!(matches!(
+            encode(&json!({"kind": "a.b"})),
+            Err(Error::InvalidMessage(_))
+        ));
+        assert!(matches!(encode(&json!([1])), Err(Error::InvalidMessage(_))));
+    }
+
+    #[test]
+    fn decode_skips_garbage() {
+        assert!(decode("{\"type\":\"agent.ping\"}").is_ok());
+        for bad in [
+            "",
+            "[]",
+            "{}",
+            "{\"type\":1}",
+            "{\"type\":\"nodot\"}",
+            "nope",
+        ] {
+            assert!(decode(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn error_bodies_of_both_servers() {
+        let (state, reason) = error_body(
+            r#"{"state":"authenticationfailed","status":"noRecordError","reason":"No record"}"#,
+        );
+        assert_eq!(
+            (state.as_str(), reason.as_str()),
+            ("authenticationfailed", "No record")
+        );
+        let (state, _) = error_body(r#"{"status":"failed","reason":"x"}"#);
+        assert_eq!(state, "failed");
+        let (_, reason) = error_body("<html>Bad Gateway</html>");
+        assert_eq!(reason, "<html>Bad Gateway</html>");
+    }
+
+    #[test]
+    fn close_codes_that_stop() {
+        assert!(matches!(
+            stop_error(close::REVOKED, "r"),
+            Some(Error::Revoked { .. })
+        ));
+        assert!(matches!(
+            stop_error(close::SUPERSEDED, ""),
+            Some(Error::Superseded { .. })
+        ));
+        for code in [1000, 1001, 1005, 1006, 4000, 4002] {
+            assert!(stop_error(code, "").is_none(), "{code}");
+        }
+    }
+
+    #[test]
+    fn endpoint_checks_its_configuration() {
+        assert!(matches!(Endpoint::new("not a url"), Err(Error::Config(_))));
+        assert!(matches!(Endpoint::new("ws://h/x"), Err(Error::Config(_))));
+        assert!(matches!(
+            Endpoint::with_root_cas("http://h/x", &["not pem"]),
+            Err(Error::Config(_))
+        ));
+        assert!(Endpoint::new("http://127.0.0.1:1/api/core/connection").is_ok());
+    }
+}
