@@ -114,6 +114,8 @@ struct Shared {
     identity_token: Mutex<String>,
     link: watch::Sender<Link>,
     events: broadcast::Sender<Event>,
+    /// How the client ended, once it has.
+    outcome: watch::Sender<Option<Result<(), Error>>>,
 }
 
 impl Shared {
@@ -474,10 +476,12 @@ impl Client {
     pub fn start(self) -> (Handle, Events) {
         let (events, events_rx) = broadcast::channel(self.event_capacity);
         let (link, _) = watch::channel(Link::default());
+        let (outcome, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             identity_token: Mutex::new(self.token),
             link,
             events,
+            outcome,
         });
         let (out_tx, out_rx) = mpsc::channel(OUTGOING_CAPACITY);
         let (stop_tx, stop_rx) = mpsc::channel(1);
@@ -573,12 +577,16 @@ impl Handle {
         join(self.task).await
     }
 
-    /// Waits until the client stops on its own (a fatal error) and returns why.
-    pub async fn wait(self) -> Result<(), Error> {
-        let Handle { task, stop_tx, .. } = self;
-        let result = join(task).await;
-        drop(stop_tx);
-        result
+    /// Waits until the client has stopped (on its own, after a fatal error, or by
+    /// [`stop`](Self::stop)) and returns how. Borrows the handle, so that an application can
+    /// wait for either this or a signal and then still call `stop`.
+    pub async fn wait(&self) -> Result<(), Error> {
+        let mut outcome = self.shared.outcome.subscribe();
+        match outcome.wait_for(Option::is_some).await {
+            Ok(result) => result.clone().unwrap_or(Ok(())),
+            // Unreachable: the handle itself keeps the sender alive.
+            Err(_) => Err(Error::Stopped),
+        }
     }
 }
 
@@ -629,6 +637,7 @@ impl Runner {
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        self.shared.outcome.send_replace(Some(result.clone()));
         self.shared.emit(Event::Stopped(result.clone()));
         result
     }
