@@ -15,9 +15,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::{SinkExt, StreamExt};
 use morrigan_client::{BackoffConfig, Capability, Client, Error, Event, Events, Incoming, Sender};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
@@ -93,16 +94,23 @@ impl ServerConn {
 
 struct Mock {
     http: SocketAddr,
+    scheme: &'static str,
     state: Arc<Mutex<State>>,
     conns: mpsc::UnboundedReceiver<ServerConn>,
 }
 
 impl Mock {
     async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// With `tls`, both endpoints speak HTTPS and the report URL is `https://`.
+    async fn start_with(tls: Option<TlsAcceptor>) -> Self {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ws = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let report_url = format!(
-            "http://{}/api/core/connection/connect",
+            "{scheme}://{}/api/core/connection/connect",
             ws.local_addr().unwrap()
         );
         let state = Arc::new(Mutex::new(State::default()));
@@ -110,9 +118,21 @@ impl Mock {
         let http_addr = http.local_addr().unwrap();
         {
             let state = state.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 while let Ok((stream, _)) = http.accept().await {
-                    tokio::spawn(exchange(stream, state.clone(), report_url.clone()));
+                    let (state, report_url) = (state.clone(), report_url.clone());
+                    let tls = tls.clone();
+                    tokio::spawn(async move {
+                        match tls {
+                            None => exchange(stream, state, report_url).await,
+                            Some(tls) => {
+                                if let Ok(stream) = tls.accept(stream).await {
+                                    exchange(stream, state, report_url).await;
+                                }
+                            }
+                        }
+                    });
                 }
             });
         }
@@ -120,19 +140,30 @@ impl Mock {
             let state = state.clone();
             tokio::spawn(async move {
                 while let Ok((stream, _)) = ws.accept().await {
-                    tokio::spawn(websocket(stream, state.clone(), conn_tx.clone()));
+                    let (state, conn_tx, tls) = (state.clone(), conn_tx.clone(), tls.clone());
+                    tokio::spawn(async move {
+                        match tls {
+                            None => websocket(stream, state, conn_tx).await,
+                            Some(tls) => {
+                                if let Ok(stream) = tls.accept(stream).await {
+                                    websocket(stream, state, conn_tx).await;
+                                }
+                            }
+                        }
+                    });
                 }
             });
         }
         Mock {
             http: http_addr,
+            scheme,
             state,
             conns,
         }
     }
 
     fn provider_url(&self) -> String {
-        format!("http://{}/api/core/connection", self.http)
+        format!("{}://{}/api/core/connection", self.scheme, self.http)
     }
 
     /// A fresh identity token the server accepts.
@@ -158,7 +189,11 @@ impl Mock {
 }
 
 /// `POST /api/core/connection`: a minimal HTTP/1.1 exchange, one request per TCP connection.
-async fn exchange(mut stream: TcpStream, state: Arc<Mutex<State>>, report_url: String) {
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    state: Arc<Mutex<State>>,
+    report_url: String,
+) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let (head_len, content_length) = loop {
@@ -221,8 +256,8 @@ async fn exchange(mut stream: TcpStream, state: Arc<Mutex<State>>, report_url: S
     let _ = stream.shutdown().await;
 }
 
-async fn websocket(
-    stream: TcpStream,
+async fn websocket<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
     state: Arc<Mutex<State>>,
     conns: mpsc::UnboundedSender<ServerConn>,
 ) {
@@ -670,4 +705,75 @@ async fn connect_once_returns_after_accepted() {
     let code = connection.close(1000, "", WAIT).await;
     assert_eq!(code, 1000);
     assert_eq!(conn.next().await, json!({"closed": 1000}));
+}
+
+/// A private CA and a server certificate for 127.0.0.1 signed by it.
+fn private_ca() -> (String, TlsAcceptor) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone(), ca.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    (ca.pem(), TlsAcceptor::from(Arc::new(config)))
+}
+
+#[tokio::test]
+async fn https_and_wss_trust_the_added_root_ca() {
+    let (ca_pem, acceptor) = private_ca();
+    let mut mock = Mock::start_with(Some(acceptor)).await;
+    let identity = mock.provision();
+
+    // Without the CA: the HTTPS exchange fails (retryable), nothing reaches the server.
+    let client = Client::builder(mock.provider_url(), &identity)
+        .backoff(fast_backoff())
+        .build()
+        .unwrap();
+    let (handle, mut events) = client.start();
+    let event = wait_for(&mut events, |e| matches!(e, Event::ConnectFailed(_))).await;
+    assert!(
+        matches!(event, Event::ConnectFailed(Error::Http(_))),
+        "{event:?}"
+    );
+    handle.stop("test").await.unwrap();
+    assert!(mock.exchanges().is_empty());
+
+    // With it: HTTPS exchange, then WSS to the https:// report URL.
+    let client = Client::builder(mock.provider_url(), &identity)
+        .root_ca_pem(ca_pem.clone())
+        .backoff(fast_backoff())
+        .token_refresh(None)
+        .build()
+        .unwrap();
+    let (handle, mut events) = client.start();
+    let mut conn = mock.accepted().await;
+    wait_for(&mut events, |e| matches!(e, Event::Connected { .. })).await;
+    assert_eq!(conn.next().await["state"], "ready");
+    handle.stop("test").await.unwrap();
+
+    // The single-attempt API takes the CA too.
+    let endpoint =
+        morrigan_client::Endpoint::with_root_cas(&mock.provider_url(), &[ca_pem]).unwrap();
+    let connection = endpoint.connect(&identity).await.unwrap();
+    assert_eq!(connection.url().scheme(), "wss");
+
+    // WSS checks the certificate on its own: a valid connection token does not get an endpoint
+    // without the CA past the TLS handshake.
+    let token = endpoint.exchange_token(&identity).await.unwrap();
+    let bare = morrigan_client::Endpoint::new(&mock.provider_url()).unwrap();
+    let refused = bare.connect_with_token(&token).await;
+    assert!(matches!(refused, Err(Error::WebSocket(_))), "{refused:?}");
 }
