@@ -256,7 +256,8 @@ impl ClientBuilder {
         self
     }
 
-    /// Bounds each step of a connection attempt (default 30 s).
+    /// Bounds each step of a connection attempt, and each write on an open connection
+    /// (default 30 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -364,6 +365,7 @@ impl ClientBuilder {
             backoff: self.backoff,
             token_refresh: self.token_refresh,
             stop_timeout: self.stop_timeout,
+            write_timeout: self.timeout,
             capabilities: capability_report(&self.handlers, self.capabilities),
             handlers: Arc::new(self.handlers),
             event_capacity: self.event_capacity,
@@ -429,6 +431,7 @@ pub struct Client {
     backoff: BackoffConfig,
     token_refresh: Option<Duration>,
     stop_timeout: Duration,
+    write_timeout: Duration,
     capabilities: Vec<Capability>,
     handlers: Arc<Handlers>,
     event_capacity: usize,
@@ -499,6 +502,7 @@ impl Client {
             backoff: Backoff::new(self.backoff.base, self.backoff.cap),
             token_refresh: self.token_refresh,
             stop_timeout: self.stop_timeout,
+            write_timeout: self.write_timeout,
             stop_rx,
             out_rx,
             sender: sender.clone(),
@@ -614,6 +618,7 @@ struct Runner {
     backoff: Backoff,
     token_refresh: Option<Duration>,
     stop_timeout: Duration,
+    write_timeout: Duration,
     stop_rx: mpsc::Receiver<String>,
     out_rx: mpsc::Receiver<String>,
     sender: Sender,
@@ -746,7 +751,7 @@ impl Runner {
             greeting.push(json!({"type": types::CLIENT_TOKEN_REFRESH}));
         }
         for message in &greeting {
-            if let Err(e) = connection.send(message).await {
+            if let Err(e) = self.write(connection, message).await {
                 return Ok(abnormal(e));
             }
         }
@@ -756,13 +761,16 @@ impl Runner {
             interval
         });
         loop {
+            // Not biased: a flood in one direction must not starve the other.
             tokio::select! {
-                biased;
                 reason = self.stop_rx.recv() => {
                     let reason = stop_reason(reason);
                     let state = json!({"type": types::CLIENT_STATE, "state": format!("stopped.{reason}")});
-                    if let Err(e) = connection.send(&state).await {
-                        tracing::debug!(error = %e, "could not report the stop");
+                    let report = connection.send(&state);
+                    match tokio::time::timeout(self.stop_timeout, report).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::debug!(error = %e, "could not report the stop"),
+                        Err(_) => tracing::debug!("timed out reporting the stop"),
                     }
                     return Err(reason);
                 }
@@ -771,19 +779,30 @@ impl Runner {
                     Incoming::Closed { code, reason } => return Ok(SessionEnd::Closed { code, reason }),
                 },
                 Some(text) = self.out_rx.recv() => {
-                    if let Err(e) = connection.send_text(text).await {
-                        return Ok(abnormal(e));
+                    let write = connection.send_text(text);
+                    match tokio::time::timeout(self.write_timeout, write).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Ok(abnormal(e)),
+                        Err(_) => return Ok(abnormal(Error::Timeout("writing a message"))),
                     }
                 }
                 () = tick(&mut refresh) => {
                     tracing::debug!("requesting a new identity token");
                     let message = json!({"type": types::CLIENT_TOKEN_REFRESH});
-                    if let Err(e) = connection.send(&message).await {
+                    if let Err(e) = self.write(connection, &message).await {
                         return Ok(abnormal(e));
                     }
                 }
             }
         }
+    }
+
+    /// Sends a message, giving up after the write timeout: a server that stops reading must not
+    /// wedge the client (it would neither see a stop request nor answer pings meanwhile).
+    async fn write(&self, connection: &mut Connection, message: &Value) -> Result<(), Error> {
+        tokio::time::timeout(self.write_timeout, connection.send(message))
+            .await
+            .unwrap_or(Err(Error::Timeout("writing a message")))
     }
 
     async fn on_message(&mut self, message: Value) {

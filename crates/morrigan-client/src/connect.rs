@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use morrigan_protocol::api::TokenResponse;
 use morrigan_protocol::message::{ConnectionState, types};
-use morrigan_protocol::{MessageType, close};
+use morrigan_protocol::{MessageType, close, paths};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use serde_json::Value;
@@ -60,7 +60,8 @@ impl Endpoint {
     ///
     /// `provider_url` is the connection provider's root, e.g.
     /// `https://morrigan.example/api/core/connection`
-    /// ([`paths::CONNECTION`](morrigan_protocol::paths::CONNECTION)).
+    /// ([`paths::CONNECTION`](morrigan_protocol::paths::CONNECTION)); a URL without a path
+    /// (`https://morrigan.example`) gets that path.
     pub fn new(provider_url: &str) -> Result<Self, Error> {
         Self::with_root_cas(provider_url, &[] as &[&[u8]])
     }
@@ -71,8 +72,12 @@ impl Endpoint {
         provider_url: &str,
         root_ca_pems: &[impl AsRef<[u8]>],
     ) -> Result<Self, Error> {
-        let provider_url = Url::parse(provider_url)
+        let mut provider_url = Url::parse(provider_url)
             .map_err(|e| Error::Config(format!("provider URL {provider_url:?}: {e}")))?;
+        // A bare server URL means the standard mount point.
+        if provider_url.path() == "/" {
+            provider_url.set_path(paths::CONNECTION);
+        }
         if !matches!(provider_url.scheme(), "http" | "https") {
             return Err(Error::Config(format!(
                 "provider URL must be http or https, not {:?}",
@@ -385,10 +390,11 @@ impl Connection {
             code: CloseCode::from(code),
             reason: reason.into(),
         };
-        if self.ws.close(Some(frame)).await.is_err() {
-            return ABNORMAL;
-        }
-        let wait = async {
+        // Sending the close is bounded too: a server that stopped reading would block it.
+        let handshake = async {
+            if self.ws.close(Some(frame)).await.is_err() {
+                return ABNORMAL;
+            }
             loop {
                 match self.recv().await {
                     Incoming::Closed { code, .. } => return code,
@@ -396,7 +402,7 @@ impl Connection {
                 }
             }
         };
-        tokio::time::timeout(timeout, wait)
+        tokio::time::timeout(timeout, handshake)
             .await
             .unwrap_or(ABNORMAL)
     }
@@ -563,6 +569,12 @@ mod tests {
             Endpoint::with_root_cas("http://h/x", &["not pem"]),
             Err(Error::Config(_))
         ));
-        assert!(Endpoint::new("http://127.0.0.1:1/api/core/connection").is_ok());
+        let custom = Endpoint::new("http://127.0.0.1:1/custom/mount").unwrap();
+        assert_eq!(custom.provider_url().path(), "/custom/mount");
+        let bare = Endpoint::new("https://h:8443").unwrap();
+        assert_eq!(
+            bare.provider_url().as_str(),
+            "https://h:8443/api/core/connection"
+        );
     }
 }

@@ -26,7 +26,10 @@
 //! [`connect_once`] and [`Endpoint`] are the single-attempt building blocks, for tools and load
 //! generators.
 //!
-//! Tokens are secrets: the SDK never logs one, only its id ([`token_label`]).
+//! Tokens are secrets: the SDK never logs one, only its id ([`token_label`]). Beware that
+//! tungstenite itself logs the whole handshake request, `Origin` (the connection token)
+//! included, at `trace` level through the `log` crate: keep `tungstenite` below `trace` in
+//! production.
 //!
 //! # Example
 //!

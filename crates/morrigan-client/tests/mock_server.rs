@@ -45,6 +45,8 @@ struct State {
     refuse_upgrades: u32,
     /// Close this many upcoming sockets without a code before `accepted` (the original's answer).
     close_before_accept: u32,
+    /// Accept, then never read again (a wedged server).
+    deaf: bool,
     /// Every identity token presented to the exchange, in order.
     exchanges: Vec<(String, Value)>,
     counter: u64,
@@ -315,6 +317,9 @@ async fn websocket<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let accepted = json!({"type": "connection.state", "state": "accepted", "connectionId": id});
     ws.send(Message::text(accepted.to_string())).await.unwrap();
+    if state.lock().unwrap().deaf {
+        std::future::pending::<()>().await;
+    }
     let (from_tx, from_client) = mpsc::unbounded_channel();
     let (to_client, mut to_rx) = mpsc::unbounded_channel::<Message>();
     conns
@@ -776,4 +781,27 @@ async fn https_and_wss_trust_the_added_root_ca() {
     let bare = morrigan_client::Endpoint::new(&mock.provider_url()).unwrap();
     let refused = bare.connect_with_token(&token).await;
     assert!(matches!(refused, Err(Error::WebSocket(_))), "{refused:?}");
+}
+
+#[tokio::test]
+async fn stop_is_bounded_when_the_server_does_not_answer() {
+    let mock = Mock::start().await;
+    let identity = mock.provision();
+    mock.state.lock().unwrap().deaf = true;
+    let client = Client::builder(mock.provider_url(), &identity)
+        .stop_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let (handle, mut events) = client.start();
+    wait_for(&mut events, |e| matches!(e, Event::Connected { .. })).await;
+    let started = std::time::Instant::now();
+    tokio::time::timeout(WAIT, handle.stop("test"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }
