@@ -144,11 +144,9 @@ impl FromRequestParts<AppState> for User {
         if state.store.live_token(&claims.jti, &now).await?.is_none() {
             return Err(ApiError::unauthorized("The user token has been revoked."));
         }
-        let identity = state
-            .store
-            .identity(&claims.sub)
-            .await?
-            .ok_or_else(|| ApiError::unauthorized("The identity of this token no longer exists."))?;
+        let identity = state.store.identity(&claims.sub).await?.ok_or_else(|| {
+            ApiError::unauthorized("The identity of this token no longer exists.")
+        })?;
         Ok(User {
             identity,
             token_id: claims.jti,

@@ -47,6 +47,13 @@ pub struct Config {
     pub admin_password: Option<String>,
     /// How long a graceful shutdown waits for sockets to close and records to be written.
     pub shutdown_timeout: Duration,
+    /// A node's lease; a node that has not renewed it for this long is declared lost and
+    /// its open records are closed by the survivors.
+    pub node_lease: Duration,
+    /// Which cluster bus carries commands to other nodes.
+    pub bus: crate::bus::BusConfig,
+    /// Peers whose `X-Forwarded-For`/`Forwarded` headers are believed (load balancers).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Config {
@@ -68,6 +75,9 @@ impl Config {
             tls: None,
             admin_password: None,
             shutdown_timeout: Duration::from_secs(8),
+            node_lease: Duration::from_secs(15),
+            bus: crate::bus::BusConfig::Auto,
+            trusted_proxies: Vec::new(),
         }
     }
 

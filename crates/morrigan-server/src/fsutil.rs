@@ -9,7 +9,9 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("secret")
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("secret")
     ));
     {
         let mut options = std::fs::OpenOptions::new();

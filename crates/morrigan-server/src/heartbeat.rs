@@ -19,6 +19,9 @@ use crate::store::{Heartbeat, Store};
 /// How often queued heartbeats are written.
 pub const FLUSH_PERIOD: Duration = Duration::from_secs(2);
 
+/// The flusher's end of the queue: connections whose liveness changed since the last flush.
+pub type QueueReceiver = mpsc::UnboundedReceiver<(Arc<str>, Arc<Liveness>)>;
+
 /// Cheap handle that connection tasks use to queue their liveness for writing.
 #[derive(Clone)]
 pub struct HeartbeatQueue {
@@ -35,12 +38,12 @@ impl HeartbeatQueue {
 }
 
 /// Creates the queue and its receiving end.
-pub fn queue() -> (HeartbeatQueue, mpsc::UnboundedReceiver<(Arc<str>, Arc<Liveness>)>) {
+pub fn queue() -> (HeartbeatQueue, QueueReceiver) {
     let (tx, rx) = mpsc::unbounded_channel();
     (HeartbeatQueue { tx }, rx)
 }
 
-fn drain(rx: &mut mpsc::UnboundedReceiver<(Arc<str>, Arc<Liveness>)>) -> Vec<Heartbeat> {
+fn drain(rx: &mut QueueReceiver) -> Vec<Heartbeat> {
     let mut beats = Vec::new();
     while let Ok((id, l)) = rx.try_recv() {
         l.dirty.store(false, Ordering::Release);
@@ -58,11 +61,7 @@ fn drain(rx: &mut mpsc::UnboundedReceiver<(Arc<str>, Arc<Liveness>)>) -> Vec<Hea
 }
 
 /// Runs the flusher until `stop` is cancelled, then flushes once more.
-pub async fn run_flusher(
-    store: Arc<dyn Store>,
-    mut rx: mpsc::UnboundedReceiver<(Arc<str>, Arc<Liveness>)>,
-    stop: CancellationToken,
-) {
+pub async fn run_flusher(store: Arc<dyn Store>, mut rx: QueueReceiver, stop: CancellationToken) {
     let mut tick = tokio::time::interval(FLUSH_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

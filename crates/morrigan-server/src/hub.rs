@@ -105,8 +105,7 @@ impl Hub {
         let handle = self.get(id).ok_or(SendError::NotHere)?;
         let (ack, done) = oneshot::channel();
         let deadline = tokio::time::Instant::now() + timeout;
-        match tokio::time::timeout_at(deadline, handle.tx.send(Command::Send { text, ack })).await
-        {
+        match tokio::time::timeout_at(deadline, handle.tx.send(Command::Send { text, ack })).await {
             Err(_) => return Err(SendError::Timeout),
             Ok(Err(_)) => return Err(SendError::Closed),
             Ok(Ok(())) => {}

@@ -14,6 +14,8 @@
 //! * [`store`]: the persistence trait and one file per backend.
 
 pub mod auth;
+pub mod bus;
+pub mod cluster;
 pub mod config;
 pub mod error;
 mod fsutil;

@@ -25,16 +25,20 @@ use tower::ServiceExt;
 use tower_http::normalize_path::NormalizePath;
 
 use crate::auth::{self, functions};
+use crate::bus::local::LocalBus;
+use crate::bus::nats::NatsBus;
+use crate::bus::postgres::PgBus;
+use crate::bus::{Bus, BusConfig};
 use crate::config::Config;
 use crate::hooks::Hooks;
 use crate::hub::Hub;
 use crate::providers::{Provider, Providers};
 use crate::state::{AppState, Inner};
-use crate::store::{CloseInfo, IdentityRow, NodeRow, Store, StoreError, sqlite::SqliteStore};
+use crate::store::{
+    CloseInfo, IdentityRow, NodeRow, Store, StoreError, postgres::PgStore, sqlite::SqliteStore,
+};
 use crate::tokens::{KeyError, Tokens};
 
-/// How long a node's lease lasts; renewed every third of it.
-pub const NODE_LEASE: Duration = Duration::from_secs(15);
 /// How often expired tokens, unused connection tokens and old records are cleaned up.
 pub const MAINTENANCE_PERIOD: Duration = Duration::from_secs(60);
 
@@ -51,7 +55,7 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("unsupported database URL '{0}' (this build supports sqlite: URLs)")]
+    #[error("unsupported database URL '{0}' (use sqlite: or postgres://)")]
     Database(String),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -61,6 +65,8 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error("could not create the admin identity: {0}")]
     Admin(String),
+    #[error(transparent)]
+    Bus(#[from] crate::bus::BusError),
 }
 
 /// Adds providers and hooks before a node starts.
@@ -69,6 +75,7 @@ pub struct ServerBuilder {
     providers: Providers,
     hooks: Vec<Arc<dyn Hooks>>,
     listener: Option<TcpListener>,
+    local_bus: Option<Arc<LocalBus>>,
 }
 
 impl ServerBuilder {
@@ -90,12 +97,19 @@ impl ServerBuilder {
         self
     }
 
+    /// Joins an in-process cluster: nodes built with the same [`LocalBus`] reach each other's
+    /// sockets (tests, embedding). Used when the bus configuration resolves to local.
+    pub fn local_bus(mut self, bus: Arc<LocalBus>) -> Self {
+        self.local_bus = Some(bus);
+        self
+    }
+
     /// Opens everything and binds; the node is ready to [`Server::run`].
     pub async fn build(self) -> Result<Server, StartError> {
         let config = self.config;
         create_data_dir(&config.data_dir)?;
         let node_id = load_node_id(&config.data_dir)?;
-        let store = open_store(&config).await?;
+        let (store, pg_pool) = open_store(&config).await?;
         let tls = match &config.tls {
             Some(files) => Some(crate::tls::acceptor(&files.cert, &files.key)?),
             None => None,
@@ -141,11 +155,43 @@ impl ServerBuilder {
                 public_url: base_url.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 started: now.clone(),
-                lease_expires: time_format::format(time::OffsetDateTime::now_utc() + NODE_LEASE),
+                lease_expires: time_format::format(
+                    time::OffsetDateTime::now_utc() + config.node_lease,
+                ),
                 state: "running".into(),
             })
             .await?;
 
+        let hub = Arc::new(Hub::new());
+        let background = CancellationToken::new();
+        let bus: Arc<dyn Bus> = match (&config.bus, pg_pool) {
+            (BusConfig::Nats(url), _) => {
+                NatsBus::start(
+                    url,
+                    store.clone(),
+                    &node_id,
+                    hub.clone(),
+                    background.clone(),
+                )
+                .await?
+            }
+            (BusConfig::Auto, Some(pool)) => {
+                PgBus::start(
+                    pool,
+                    store.clone(),
+                    &node_id,
+                    hub.clone(),
+                    background.clone(),
+                )
+                .await?
+            }
+            _ => {
+                let local = self.local_bus.unwrap_or_default();
+                local.register(&node_id, &hub);
+                local
+            }
+        };
+        tracing::info!(bus = bus.name(), "cluster bus ready");
         let (heartbeats, heartbeat_rx) = crate::heartbeat::queue();
         let state = AppState(Arc::new(Inner {
             config,
@@ -153,7 +199,8 @@ impl ServerBuilder {
             base_url,
             store,
             tokens,
-            hub: Hub::new(),
+            hub,
+            bus,
             providers: self.providers,
             hooks: self.hooks,
             heartbeats,
@@ -168,6 +215,7 @@ impl ServerBuilder {
             tls,
             bound,
             heartbeat_rx,
+            background,
         })
     }
 }
@@ -179,7 +227,9 @@ pub struct Server {
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     bound: SocketAddr,
-    heartbeat_rx: tokio::sync::mpsc::UnboundedReceiver<(Arc<str>, Arc<crate::hub::Liveness>)>,
+    heartbeat_rx: crate::heartbeat::QueueReceiver,
+    /// Stops the flusher, maintenance and the bus listener, after the sockets are closed.
+    background: CancellationToken,
 }
 
 impl Server {
@@ -190,6 +240,7 @@ impl Server {
             providers: Providers::builtin(),
             hooks: Vec::new(),
             listener: None,
+            local_bus: None,
         }
     }
 
@@ -212,8 +263,8 @@ impl Server {
             tls,
             bound,
             heartbeat_rx,
+            background,
         } = self;
-        let background = CancellationToken::new();
         let flusher = tokio::spawn(crate::heartbeat::run_flusher(
             state.store.clone(),
             heartbeat_rx,
@@ -248,10 +299,12 @@ impl Server {
             };
             let _ = stream.set_nodelay(true);
             let service = service.clone();
-            let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                service.clone().oneshot(req)
-            });
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    service.clone().oneshot(req)
+                },
+            );
             match &tls {
                 None => {
                     let conn = http.serve_connection_with_upgrades(TokioIo::new(stream), svc);
@@ -288,7 +341,10 @@ impl Server {
 
         tracing::info!(connections = state.hub.len(), "shutting down");
         state.shutdown.cancel();
-        state.hub.close_all(close::GOING_AWAY, "server shutting down").await;
+        state
+            .hub
+            .close_all(close::GOING_AWAY, "server shutting down")
+            .await;
         state.sessions.close();
         let deadline = state.config.shutdown_timeout;
         if tokio::time::timeout(deadline, async {
@@ -318,16 +374,22 @@ impl Server {
         background.cancel();
         let _ = flusher.await;
         let _ = maintenance.await;
-        if let Err(e) = state.store.stop_node(&state.node_id, &time_format::now()).await {
+        if let Err(e) = state
+            .store
+            .stop_node(&state.node_id, &time_format::now())
+            .await
+        {
             tracing::warn!(error = %e, "could not mark the node stopped");
         }
         tracing::info!("stopped");
     }
 }
 
-/// Periodic upkeep: node lease, unused connection tokens, expired tokens, retention.
+/// Periodic upkeep: the node lease and reaping lost nodes (every third of the lease), unused
+/// connection tokens, expired tokens and retention (every [`MAINTENANCE_PERIOD`]).
 async fn maintain(state: AppState, stop: CancellationToken) {
-    let mut lease = tokio::time::interval(NODE_LEASE / 3);
+    let lease_period = state.config.node_lease / 3;
+    let mut lease = tokio::time::interval(lease_period.max(Duration::from_millis(100)));
     let mut upkeep = tokio::time::interval(MAINTENANCE_PERIOD);
     lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -335,8 +397,7 @@ async fn maintain(state: AppState, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = lease.tick() => {
-                let until = time_format::format(time::OffsetDateTime::now_utc() + NODE_LEASE);
-                if let Err(e) = state.store.renew_node(&state.node_id, &until).await {
+                if let Err(e) = lease_once(&state).await {
                     tracing::warn!(error = %e, "could not renew the node lease");
                 }
             }
@@ -349,6 +410,52 @@ async fn maintain(state: AppState, stop: CancellationToken) {
     }
 }
 
+/// Renews this node's lease and closes the records of nodes whose lease lapsed.
+pub async fn lease_once(state: &AppState) -> Result<(), StoreError> {
+    let now = time::OffsetDateTime::now_utc();
+    let until = time_format::format(now + state.config.node_lease);
+    if !state.store.renew_node(&state.node_id, &until).await? {
+        // The survivors declared this node lost (it stalled past its lease) and closed its
+        // records: its sockets must not live on unrecorded. Close them; devices reconnect.
+        tracing::error!("this node's lease lapsed and it was declared lost; closing its sockets");
+        state
+            .hub
+            .close_all(close::GOING_AWAY, "node lost its lease")
+            .await;
+        state
+            .store
+            .register_node(&NodeRow {
+                id: state.node_id.to_string(),
+                public_url: state.base_url.clone(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                started: time_format::format(now),
+                lease_expires: until,
+                state: "running".into(),
+            })
+            .await?;
+    }
+    for lost in state
+        .store
+        .reap_nodes(&time_format::format(now), &state.node_id)
+        .await?
+    {
+        let reason = format!("node {} lost its lease", lost.id);
+        let closed = state
+            .store
+            .close_node_connections(
+                &lost.id,
+                &CloseInfo {
+                    at: &lost.lease_expires,
+                    code: 1006,
+                    reason: &reason,
+                },
+            )
+            .await?;
+        tracing::warn!(node = %lost.id, closed, "a node lost its lease; closed its connection records");
+    }
+    Ok(())
+}
+
 /// One round of cleanup (also called by tests).
 pub async fn upkeep_once(state: &AppState) -> Result<(), StoreError> {
     let now = time::OffsetDateTime::now_utc();
@@ -357,6 +464,10 @@ pub async fn upkeep_once(state: &AppState) -> Result<(), StoreError> {
     let cutoff = time_format::format(now - state.config.retention);
     let purged = state.store.purge_closed_connections(&cutoff).await?;
     let tokens = state.store.purge_expired_tokens(&now_s).await?;
+    state
+        .store
+        .purge_payloads(&time_format::format(now - Duration::from_secs(300)))
+        .await?;
     if expired + purged + tokens > 0 {
         tracing::debug!(expired, purged, tokens, "maintenance");
     }
@@ -399,12 +510,21 @@ fn load_node_id(dir: &Path) -> Result<String, StartError> {
     }
 }
 
-async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+/// Opens the configured store; with PostgreSQL also returns its pool for the LISTEN/NOTIFY bus.
+async fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<sqlx::PgPool>), StartError> {
     match config.database_url.as_deref() {
-        None => Ok(Arc::new(
-            SqliteStore::open(&config.data_dir.join("morrigan.db")).await?,
+        None => Ok((
+            Arc::new(SqliteStore::open(&config.data_dir.join("morrigan.db")).await?),
+            None,
         )),
-        Some(url) if url.starts_with("sqlite:") => Ok(Arc::new(SqliteStore::connect(url).await?)),
+        Some(url) if url.starts_with("sqlite:") => {
+            Ok((Arc::new(SqliteStore::connect(url).await?), None))
+        }
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            let store = PgStore::connect(url).await?;
+            let pool = store.pool().clone();
+            Ok((Arc::new(store), Some(pool)))
+        }
         Some(url) => Err(StartError::Database(
             url.split('@').next_back().unwrap_or("").to_string(),
         )),
@@ -441,7 +561,7 @@ async fn bootstrap_admin(config: &Config, store: &dyn Store) -> Result<(), Start
         .map_err(|e| StartError::Admin(e.to_string()))?
         .map_err(|e| StartError::Admin(e.reason))?;
     let now = time_format::now();
-    store
+    let created = store
         .insert_identity(&IdentityRow {
             id: uuid::Uuid::new_v4().to_string(),
             name: "admin".into(),
@@ -450,7 +570,12 @@ async fn bootstrap_admin(config: &Config, store: &dyn Store) -> Result<(), Start
             created: now.clone(),
             updated: now,
         })
-        .await?;
+        .await;
+    match created {
+        // Another node of the cluster starting at the same moment created it first.
+        Err(StoreError::Conflict(_)) => return Ok(()),
+        other => other?,
+    }
     if generated {
         let path = config.data_dir.join("initial-admin-password");
         crate::fsutil::write_private(&path, format!("{password}\n").as_bytes()).map_err(

@@ -13,7 +13,9 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
 use morrigan_protocol::close;
-use morrigan_protocol::message::{ConnectionError, ConnectionState, MessageType, error_kinds, types};
+use morrigan_protocol::message::{
+    ConnectionError, ConnectionState, MessageType, error_kinds, types,
+};
 use morrigan_protocol::records::ConnectionRecord;
 use morrigan_protocol::time_format;
 use serde_json::Value;
@@ -181,32 +183,17 @@ async fn supersede(state: &AppState, record: &ConnectionRecord) {
             return;
         }
     };
-    let mine = (record.connected.as_deref().unwrap_or(""), record.id.as_str());
+    let mine = (
+        record.connected.as_deref().unwrap_or(""),
+        record.id.as_str(),
+    );
     let reason = format!("superseded by connection {}", record.id);
     for other in others {
         let theirs = (other.connected.as_deref().unwrap_or(""), other.id.as_str());
         if other.connected.is_some() && theirs > mine {
             continue;
         }
-        if !state
-            .hub
-            .close(&other.id, close::SUPERSEDED, &reason, None)
-            .await
-        {
-            // Pending, or held by a node this one cannot reach: close the record directly.
-            let now = time_format::now();
-            let _ = state
-                .store
-                .close_connection(
-                    &other.id,
-                    &CloseInfo {
-                        at: &now,
-                        code: close::SUPERSEDED,
-                        reason: &reason,
-                    },
-                )
-                .await;
-        }
+        crate::cluster::close_anywhere(state, &other, close::SUPERSEDED, &reason).await;
         tracing::info!(older = %other.id, "superseded an older connection");
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::heartbeat::HeartbeatQueue;
 use crate::hooks::Hooks;
@@ -26,7 +27,10 @@ pub struct Inner {
     pub base_url: String,
     pub store: Arc<dyn Store>,
     pub tokens: Tokens,
-    pub hub: Hub,
+    /// This node's sockets (shared with the bus, which applies remote commands to it).
+    pub hub: Arc<Hub>,
+    /// Reaches the node holding a socket that is not here.
+    pub bus: Arc<dyn Bus>,
     pub providers: Providers,
     pub hooks: Vec<Arc<dyn Hooks>>,
     pub heartbeats: HeartbeatQueue,

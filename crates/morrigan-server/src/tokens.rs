@@ -45,7 +45,10 @@ pub enum TokenError {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("signing key file {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("signing key file {path} is not a PKCS#8 Ed25519 key")]
     Format { path: String },
     #[error(transparent)]
@@ -103,7 +106,12 @@ impl Tokens {
                 })?;
                 key
             }
-            Err(source) => return Err(KeyError::Io { path: path_str, source }),
+            Err(source) => {
+                return Err(KeyError::Io {
+                    path: path_str,
+                    source,
+                });
+            }
         };
         Self::from_key(signing, node_id, store).await
     }

@@ -49,6 +49,17 @@ pub struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "MORRIGAN_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Cluster bus: NATS at this URL (default: PostgreSQL LISTEN/NOTIFY with a PostgreSQL
+    /// store, in-process otherwise).
+    #[arg(long, env = "MORRIGAN_NATS_URL")]
+    nats_url: Option<String>,
+    /// Seconds a node's lease lasts; a node silent this long is declared lost [default: 15].
+    #[arg(long, env = "MORRIGAN_NODE_LEASE")]
+    node_lease: Option<u64>,
+    /// CIDR of a load balancer whose X-Forwarded-For/Forwarded headers are believed
+    /// (repeatable; comma-separated in the environment).
+    #[arg(long, env = "MORRIGAN_TRUSTED_PROXY", value_delimiter = ',')]
+    trusted_proxy: Vec<String>,
 }
 
 /// The same keys in `morrigan.toml`.
@@ -66,6 +77,9 @@ struct FileConfig {
     retention_days: Option<u64>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    nats_url: Option<String>,
+    node_lease: Option<u64>,
+    trusted_proxy: Option<Vec<String>>,
 }
 
 fn load_file(args: &ServeArgs) -> anyhow::Result<FileConfig> {
@@ -75,7 +89,9 @@ fn load_file(args: &ServeArgs) -> anyhow::Result<FileConfig> {
     };
     match std::fs::read_to_string(&path) {
         Ok(text) => toml::from_str(&text).with_context(|| format!("reading {}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(FileConfig::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+            Ok(FileConfig::default())
+        }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
 }
@@ -112,7 +128,10 @@ fn resolve(args: ServeArgs) -> anyhow::Result<Config> {
         );
         c.max_message_size = n;
     }
-    if let Some(n) = args.max_messages_per_second.or(file.max_messages_per_second) {
+    if let Some(n) = args
+        .max_messages_per_second
+        .or(file.max_messages_per_second)
+    {
         c.max_messages_per_second = n.max(1);
     }
     if let Some(d) = args.retention_days.or(file.retention_days) {
@@ -125,6 +144,25 @@ fn resolve(args: ServeArgs) -> anyhow::Result<Config> {
         (None, None) => None,
         _ => anyhow::bail!("--tls-cert and --tls-key go together"),
     };
+    if let Some(url) = args.nats_url.or(file.nats_url) {
+        c.bus = morrigan_server::bus::BusConfig::Nats(url);
+    }
+    if let Some(s) = args.node_lease.or(file.node_lease) {
+        anyhow::ensure!(s >= 1, "--node-lease must be at least 1 second");
+        c.node_lease = Duration::from_secs(s);
+    }
+    let proxies = if args.trusted_proxy.is_empty() {
+        file.trusted_proxy.unwrap_or_default()
+    } else {
+        args.trusted_proxy
+    };
+    for p in proxies {
+        let net = p
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .with_context(|| format!("--trusted-proxy '{p}' is not a CIDR or an address"))?;
+        c.trusted_proxies.push(net);
+    }
     c.admin_password = std::env::var("MORRIGAN_ADMIN_PASSWORD")
         .ok()
         .filter(|p| !p.is_empty());
@@ -136,7 +174,10 @@ async fn signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => tracing::info!("SIGTERM received"),

@@ -60,7 +60,9 @@ impl Provider for CapabilityProvider {
             .set_capabilities(&ctx.client_id, &text, &time_format::now())
             .await?
         {
-            return Err(HandlerError::Invalid("client is no longer provisioned".into()));
+            return Err(HandlerError::Invalid(
+                "client is no longer provisioned".into(),
+            ));
         }
         Ok(None)
     }

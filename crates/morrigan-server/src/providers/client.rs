@@ -24,10 +24,15 @@ impl Provider for ClientProvider {
         vec!["state".into(), "token.refresh".into()]
     }
     fn endpoints(&self) -> Vec<String> {
-        ["POST /provision", "GET /", "GET /:clientId", "DELETE /:clientId"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        [
+            "POST /provision",
+            "GET /",
+            "GET /:clientId",
+            "DELETE /:clientId",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     }
     fn functions(&self) -> Vec<String> {
         vec![crate::auth::functions::API.to_string()]
@@ -56,7 +61,9 @@ impl Provider for ClientProvider {
                     .set_client_state(&ctx.client_id, state, &time_format::now())
                     .await?
                 {
-                    return Err(HandlerError::Invalid("client is no longer provisioned".into()));
+                    return Err(HandlerError::Invalid(
+                        "client is no longer provisioned".into(),
+                    ));
                 }
                 Ok(None)
             }
@@ -65,7 +72,9 @@ impl Provider for ClientProvider {
                 // The client may have been deprovisioned while connected (the original
                 // re-issued anyway: S4, C7).
                 if s.store.client(&ctx.client_id).await?.is_none() {
-                    return Err(HandlerError::Invalid("client is no longer provisioned".into()));
+                    return Err(HandlerError::Invalid(
+                        "client is no longer provisioned".into(),
+                    ));
                 }
                 let issued = issue_identity_token(s, &ctx.client_id).await?;
                 // Older tokens keep working for a grace period only.

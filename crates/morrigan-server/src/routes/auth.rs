@@ -41,7 +41,12 @@ fn identity_body(row: &IdentityRow) -> Json<Value> {
 pub async fn issue_user_token(s: &AppState, identity_id: &str) -> ApiResult<String> {
     let issued = s
         .tokens
-        .issue(audience::USER, identity_id, s.config.user_token_ttl.as_secs(), None)
+        .issue(
+            audience::USER,
+            identity_id,
+            s.config.user_token_ttl.as_secs(),
+            None,
+        )
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let fmt = |t: i64| {
         time::OffsetDateTime::from_unix_timestamp(t)

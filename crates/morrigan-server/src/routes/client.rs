@@ -120,9 +120,11 @@ async fn delete_client(
             },
         )
         .await?;
-    for id in s.hub.ids_of_client(&client_id) {
-        s.hub.close(&id, close::REVOKED, reason, None).await;
+    for record in &closed {
+        crate::cluster::close_anywhere(&s, record, close::REVOKED, reason).await;
     }
     tracing::info!(by = %user.identity.name, client = %client_id, closed = closed.len(), "client deprovisioned");
-    Ok(Json(json!({"state": "success", "closedConnections": closed.len()})))
+    Ok(Json(
+        json!({"state": "success", "closedConnections": closed.len()}),
+    ))
 }

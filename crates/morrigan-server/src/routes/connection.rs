@@ -22,6 +22,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::{User, functions};
+use crate::bus::BusCommand;
+use crate::cluster;
 use crate::error::{ApiError, ApiResult};
 use crate::hub::SendError;
 use crate::state::AppState;
@@ -67,9 +69,8 @@ async fn request_token(
 ) -> ApiResult<Json<TokenResponse>> {
     let token =
         identity_token(&headers).ok_or_else(|| ApiError::bad_request("No token provided."))?;
-    let refused = |reason: String| {
-        ApiError::new(StatusCode::FORBIDDEN, "authenticationfailed", reason)
-    };
+    let refused =
+        |reason: String| ApiError::new(StatusCode::FORBIDDEN, "authenticationfailed", reason);
     let claims = match s.tokens.verify(token, audience::IDENTITY).await {
         Ok(c) => c,
         Err(TokenError::Store(e)) => return Err(e.into()),
@@ -101,7 +102,7 @@ async fn request_token(
         client_id: claims.sub.clone(),
         server_id: None,
         token_id: issued.claims.jti.clone(),
-        client_address: Some(peer.ip().to_string()),
+        client_address: Some(cluster::client_address(&s, peer, &headers)),
         connected: None,
         alive: false,
         open: true,
@@ -177,26 +178,6 @@ async fn get_connection(
         .ok_or_else(|| ApiError::not_found("No such connection."))
 }
 
-/// Explains why a connection that is not held here cannot take a send/close.
-async fn not_here(s: &AppState, id: &str) -> ApiError {
-    match s.store.connection(id).await {
-        Err(e) => e.into(),
-        Ok(None) => ApiError::not_found("No such connection."),
-        Ok(Some(r)) if !r.open => ApiError::conflict("Connection closed."),
-        Ok(Some(r)) if r.connected.is_none() => {
-            ApiError::conflict("Connection not established yet (token issued, socket not open).")
-        }
-        Ok(Some(r)) if r.server_id.as_deref() == Some(&*s.node_id) => {
-            // Open in the store but not in the hub: it is closing right now.
-            ApiError::conflict("Connection closed.")
-        }
-        Ok(Some(r)) => ApiError::unavailable(format!(
-            "Connection is held by node '{}', which this node cannot reach.",
-            r.server_id.unwrap_or_default()
-        )),
-    }
-}
-
 /// Pushes a JSON message to a connection. Answers once the frame was written to the socket.
 #[utoipa::path(post, path = "/api/core/connection/{id}/send", tag = "connection", security(("userToken" = [])),
     params(("id" = String, Path, description = "Connection id")),
@@ -216,8 +197,8 @@ async fn send(
     body: Bytes,
 ) -> ApiResult<Json<StatusResponse>> {
     user.require(&[functions::API, functions::CONNECTION_SEND])?;
-    let text = std::str::from_utf8(&body)
-        .map_err(|_| ApiError::bad_request("The body is not UTF-8."))?;
+    let text =
+        std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("The body is not UTF-8."))?;
     let value: Value = serde_json::from_str(text)
         .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?;
     let ty = value
@@ -233,7 +214,16 @@ async fn send(
         Ok(()) => Ok(Json(StatusResponse {
             status: "success".into(),
         })),
-        Err(SendError::NotHere) => Err(not_here(&s, &id).await),
+        Err(SendError::NotHere) => {
+            let command = BusCommand::Send {
+                connection_id: id.clone(),
+                text: text.to_string(),
+            };
+            cluster::route(&s, &id, command).await?;
+            Ok(Json(StatusResponse {
+                status: "success".into(),
+            }))
+        }
         Err(SendError::Closed) => Err(ApiError::conflict("Connection closed.")),
         Err(SendError::Timeout) => Err(ApiError::timeout(
             "The connection did not take the message in time.",
@@ -267,11 +257,12 @@ async fn close_connection(
     let reason = q.reason.unwrap_or_else(|| "closed by operator".to_string());
     // A close frame's reason is at most 123 bytes.
     if reason.len() > 120 {
-        return Err(ApiError::bad_request("The reason is longer than 120 bytes."));
+        return Err(ApiError::bad_request(
+            "The reason is longer than 120 bytes.",
+        ));
     }
     let (done_tx, done) = tokio::sync::oneshot::channel();
-    if s
-        .hub
+    if s.hub
         .close(&id, close::CLOSED_BY_OPERATOR, &reason, Some(done_tx))
         .await
     {
@@ -302,7 +293,16 @@ async fn close_connection(
             status: "success".into(),
         }));
     }
-    Err(not_here(&s, &id).await)
+    let command = BusCommand::Close {
+        connection_id: id.clone(),
+        code: close::CLOSED_BY_OPERATOR,
+        reason,
+    };
+    cluster::route(&s, &id, command).await?;
+    tracing::info!(by = %user.identity.name, connection = %id, "remote connection closed by operator");
+    Ok(Json(StatusResponse {
+        status: "success".into(),
+    }))
 }
 
 /// Where the connection token was presented.
@@ -322,7 +322,10 @@ fn connection_token(headers: &HeaderMap) -> Option<(String, Option<HeaderValue>)
     for value in headers.get_all(SEC_WEBSOCKET_PROTOCOL) {
         let Ok(value) = value.to_str() else { continue };
         let offered: Vec<&str> = value.split(',').map(str::trim).collect();
-        if let Some(item) = offered.iter().find(|p| p.starts_with(TOKEN_SUBPROTOCOL_PREFIX)) {
+        if let Some(item) = offered
+            .iter()
+            .find(|p| p.starts_with(TOKEN_SUBPROTOCOL_PREFIX))
+        {
             let token = item[TOKEN_SUBPROTOCOL_PREFIX.len()..].to_string();
             // Select `morrigan` when offered, else echo the token protocol: a browser fails the
             // handshake if it offered protocols and the server selects none.
@@ -389,7 +392,10 @@ async fn connect(
         Err(TokenError::Store(e)) => return ApiError::from(e).into_response(),
         Err(e) => {
             tracing::info!(%peer, reason = %e, "connection token refused");
-            return refuse(StatusCode::UNAUTHORIZED, format!("Connection token refused: {e}."));
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                format!("Connection token refused: {e}."),
+            );
         }
     };
     let record = match s.store.connection(&claims.sub).await {
@@ -412,7 +418,13 @@ async fn connect(
     let now = time_format::now();
     let accepted = match s
         .store
-        .accept_connection(&record.id, &claims.jti, &s.node_id, &peer.ip().to_string(), &now)
+        .accept_connection(
+            &record.id,
+            &claims.jti,
+            &s.node_id,
+            &cluster::client_address(&s, peer, &headers),
+            &now,
+        )
         .await
     {
         Err(e) => return ApiError::from(e).into_response(),

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod capability;
 pub mod client;
 pub mod connection;
+pub mod node;
 pub mod system;
 
 use axum::Router;
@@ -28,7 +29,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            ApiError::new(e.status(), "requestError", format!("Could not read the body: {e}"))
+            ApiError::new(
+                e.status(),
+                "requestError",
+                format!("Could not read the body: {e}"),
+            )
         })?;
         if bytes.is_empty() {
             return Err(ApiError::bad_request("A JSON body is required."));
@@ -55,6 +60,7 @@ the token in `Origin`, `Authorization: Bearer`, or `Sec-WebSocket-Protocol: morr
         (name = "connection", description = "Connections: token exchange, WebSocket, records, send, close"),
         (name = "client", description = "Clients (devices): provisioning"),
         (name = "capability", description = "Providers' and clients' capabilities"),
+        (name = "node", description = "The nodes of the cluster"),
         (name = "system", description = "Health and keys"),
     )
 )]
@@ -101,6 +107,7 @@ pub fn build(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .merge(connection::routes())
         .merge(client::routes())
         .merge(capability::routes())
+        .merge(node::routes())
         .merge(system::routes())
         .split_for_parts();
     let docs = openapi.clone();

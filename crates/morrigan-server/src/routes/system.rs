@@ -9,7 +9,9 @@ use crate::error::ApiResult;
 use crate::state::AppState;
 
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(jwks))
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(jwks))
 }
 
 /// Liveness and readiness: 200 once the node accepts connections, 503 while it shuts down.

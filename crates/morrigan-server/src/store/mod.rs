@@ -6,6 +6,8 @@
 //! [`morrigan_protocol::time_format`]), so ordering and range queries are plain string
 //! comparisons on every backend.
 
+pub mod postgres;
+pub(crate) mod sql;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -95,7 +97,7 @@ pub struct NodeRow {
     pub version: String,
     pub started: String,
     pub lease_expires: String,
-    /// `running` or `stopped`.
+    /// `running`, `stopped` (clean stop) or `lost` (lease lapsed).
     pub state: String,
 }
 
@@ -127,7 +129,11 @@ pub trait Store: Send + Sync + 'static {
     // --- nodes ---
     /// Registers or re-registers a node as running.
     async fn register_node(&self, node: &NodeRow) -> Result<()>;
-    async fn renew_node(&self, id: &str, lease_expires: &str) -> Result<()>;
+    /// Extends a running node's lease; false if the node was declared lost meanwhile.
+    async fn renew_node(&self, id: &str, lease_expires: &str) -> Result<bool>;
+    /// Atomically marks every running node (other than `except`) whose lease lapsed before
+    /// `now` as `lost` and returns them: exactly one survivor gets each lost node.
+    async fn reap_nodes(&self, now: &str, except: &str) -> Result<Vec<NodeRow>>;
     async fn stop_node(&self, id: &str, at: &str) -> Result<()>;
     async fn nodes(&self) -> Result<Vec<NodeRow>>;
 
@@ -147,8 +153,12 @@ pub trait Store: Send + Sync + 'static {
     /// The token's record if it exists and has not expired at `now`.
     async fn live_token(&self, id: &str, now: &str) -> Result<Option<TokenRow>>;
     /// Deletes every token of `subject` of this kind except `keep`.
-    async fn revoke_tokens(&self, kind: TokenKind, subject: &str, keep: Option<&str>)
-    -> Result<u64>;
+    async fn revoke_tokens(
+        &self,
+        kind: TokenKind,
+        subject: &str,
+        keep: Option<&str>,
+    ) -> Result<u64>;
     /// Moves the expiry of every other token of `subject` to at most `expires` (a grace period
     /// after a refresh, so a device that lost the new token can still come back once).
     async fn shorten_tokens(
@@ -174,7 +184,8 @@ pub trait Store: Send + Sync + 'static {
 
     // --- connections ---
     /// Inserts a pending connection (token issued, not yet used) that expires at `token_expires`.
-    async fn insert_connection(&self, record: &ConnectionRecord, token_expires: &str) -> Result<()>;
+    async fn insert_connection(&self, record: &ConnectionRecord, token_expires: &str)
+    -> Result<()>;
     async fn connection(&self, id: &str) -> Result<Option<ConnectionRecord>>;
     async fn connections(&self, filter: &ConnectionFilter) -> Result<Vec<ConnectionRecord>>;
     /// Atomically consumes the connection token `token_id` of connection `id` and marks it
@@ -210,4 +221,10 @@ pub trait Store: Send + Sync + 'static {
     async fn expire_pending_connections(&self, now: &str) -> Result<u64>;
     /// Deletes closed records that ended before `before` (retention).
     async fn purge_closed_connections(&self, before: &str) -> Result<u64>;
+
+    // --- cluster bus payloads too large for the transport ---
+    async fn stash_payload(&self, id: &str, body: &str, now: &str) -> Result<()>;
+    /// Returns and deletes a stashed payload.
+    async fn take_payload(&self, id: &str) -> Result<Option<String>>;
+    async fn purge_payloads(&self, before: &str) -> Result<u64>;
 }

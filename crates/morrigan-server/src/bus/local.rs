@@ -1,0 +1,55 @@
+//! The in-process bus: nodes in the same process (a single node, or a test cluster) find each
+//! other's hubs in a shared registry. With one node every remote request is `NoRoute`.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+
+use super::{Bus, BusCommand, BusError, BusReply, apply};
+use crate::hub::Hub;
+
+/// A registry of in-process nodes' hubs. Share one `Arc<LocalBus>` between nodes of a cluster.
+#[derive(Default)]
+pub struct LocalBus {
+    hubs: DashMap<String, Weak<Hub>>,
+}
+
+impl LocalBus {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Makes `hub` reachable as node `node_id`.
+    pub fn register(&self, node_id: &str, hub: &Arc<Hub>) {
+        self.hubs.insert(node_id.to_string(), Arc::downgrade(hub));
+    }
+
+    pub fn unregister(&self, node_id: &str) {
+        self.hubs.remove(node_id);
+    }
+}
+
+#[async_trait]
+impl Bus for LocalBus {
+    async fn request(
+        &self,
+        node_id: &str,
+        command: BusCommand,
+        timeout: Duration,
+    ) -> Result<BusReply, BusError> {
+        let hub = self
+            .hubs
+            .get(node_id)
+            .and_then(|w| w.upgrade())
+            .ok_or_else(|| BusError::NoRoute(node_id.to_string()))?;
+        tokio::time::timeout(timeout, apply(&hub, command))
+            .await
+            .map_err(|_| BusError::Timeout(node_id.to_string()))
+    }
+
+    fn name(&self) -> &'static str {
+        "local"
+    }
+}

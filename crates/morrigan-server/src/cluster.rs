@@ -1,0 +1,141 @@
+//! Routing a command to the node that holds a connection, and the client address behind a
+//! trusted proxy.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use morrigan_protocol::records::ConnectionRecord;
+
+use crate::bus::{BusCommand, BusError, BusReply};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// How long a REST call waits for the owning node.
+pub const REMOTE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Delivers `command` for a connection this node does not hold, according to its record:
+/// 404 unknown, 409 closed or not established, else the owning node's answer (503 when it is
+/// gone, 504 when it does not answer in time). Never reports success without the owner's ack.
+pub async fn route(s: &AppState, id: &str, command: BusCommand) -> Result<(), ApiError> {
+    let record = s
+        .store
+        .connection(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("No such connection."))?;
+    if !record.open {
+        return Err(ApiError::conflict("Connection closed."));
+    }
+    let Some(owner) = record
+        .server_id
+        .as_deref()
+        .filter(|_| record.connected.is_some())
+    else {
+        return Err(ApiError::conflict(
+            "Connection not established yet (token issued, socket not open).",
+        ));
+    };
+    if owner == &*s.node_id {
+        // Open in the store, gone from the hub: it is closing right now.
+        return Err(ApiError::conflict("Connection closed."));
+    }
+    match s.bus.request(owner, command, REMOTE_TIMEOUT).await {
+        Ok(BusReply::Ok) => Ok(()),
+        Ok(BusReply::NotHere) | Ok(BusReply::Closed) => {
+            Err(ApiError::conflict("Connection closed."))
+        }
+        Ok(BusReply::Timeout) => Err(ApiError::timeout(
+            "The connection did not take the message in time.",
+        )),
+        Err(BusError::Timeout(n)) => Err(ApiError::timeout(format!(
+            "Node '{n}', which holds the connection, did not answer in time."
+        ))),
+        Err(BusError::NoRoute(n)) => Err(ApiError::unavailable(format!(
+            "Node '{n}', which holds the connection, is not reachable."
+        ))),
+        Err(e) => Err(ApiError::unavailable(e.to_string())),
+    }
+}
+
+/// Asks whichever node holds `record` to close it; closes the record directly when no node can
+/// (pending record, owner gone). Best effort: used by supersede and deprovisioning.
+pub async fn close_anywhere(s: &AppState, record: &ConnectionRecord, code: u16, reason: &str) {
+    if s.hub.close(&record.id, code, reason, None).await {
+        return;
+    }
+    if let Some(owner) = record.server_id.as_deref()
+        && owner != &*s.node_id
+        && record.connected.is_some()
+    {
+        let command = BusCommand::Close {
+            connection_id: record.id.clone(),
+            code,
+            reason: reason.to_string(),
+        };
+        if let Ok(BusReply::Ok) = s.bus.request(owner, command, REMOTE_TIMEOUT).await {
+            return;
+        }
+    }
+    let now = morrigan_protocol::time_format::now();
+    let _ = s
+        .store
+        .close_connection(
+            &record.id,
+            &crate::store::CloseInfo {
+                at: &now,
+                code,
+                reason,
+            },
+        )
+        .await;
+}
+
+/// The client's address: the TCP peer, unless the peer is a trusted proxy, in which case the
+/// nearest untrusted hop of `Forwarded: for=` or `X-Forwarded-For`.
+pub fn client_address(s: &AppState, peer: SocketAddr, headers: &HeaderMap) -> String {
+    let trusted = |ip: &IpAddr| s.config.trusted_proxies.iter().any(|n| n.contains(ip));
+    if !trusted(&peer.ip()) {
+        return peer.ip().to_string();
+    }
+    let mut hops: Vec<IpAddr> = Vec::new();
+    for v in headers.get_all("forwarded") {
+        let Ok(v) = v.to_str() else { continue };
+        for element in v.split(',') {
+            for pair in element.split(';') {
+                if let Some((k, val)) = pair.trim().split_once('=')
+                    && k.trim().eq_ignore_ascii_case("for")
+                    && let Some(ip) = parse_hop(val)
+                {
+                    hops.push(ip);
+                }
+            }
+        }
+    }
+    if hops.is_empty() {
+        for v in headers.get_all("x-forwarded-for") {
+            let Ok(v) = v.to_str() else { continue };
+            hops.extend(v.split(',').filter_map(parse_hop));
+        }
+    }
+    // Walk from the nearest hop back; the first untrusted one is the client.
+    hops.iter()
+        .rev()
+        .find(|ip| !trusted(ip))
+        .or(hops.first())
+        .map(|ip| ip.to_string())
+        .unwrap_or_else(|| peer.ip().to_string())
+}
+
+fn parse_hop(raw: &str) -> Option<IpAddr> {
+    let v = raw.trim().trim_matches('"');
+    if let Ok(ip) = v.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(sa) = v.parse::<SocketAddr>() {
+        return Some(sa.ip());
+    }
+    // `[v6]` without a port.
+    v.strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|r| r.parse().ok())
+}

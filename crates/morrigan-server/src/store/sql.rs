@@ -1,0 +1,727 @@
+//! The SQL shared by the SQL backends. The statements are portable (`$n` placeholders,
+//! `TRUE`/`FALSE`, `ON CONFLICT`, `RETURNING`, text timestamps), so one body implements
+//! [`Store`](super::Store) for each backend's pool type; each backend file
+//! (`sqlite.rs`, `postgres.rs`) only opens its pool, runs its own migrations and invokes
+//! [`sql_store!`].
+
+use super::StoreError;
+
+/// The columns of a connection record, as a literal so that statements stay `&'static str`.
+macro_rules! conn_cols {
+    () => {
+        "id, client_id, server_id, token_id, client_address, connected, alive, open, \
+         last_heartbeat, disconnected, report_url, created, close_code, close_reason"
+    };
+}
+pub(crate) use conn_cols;
+
+/// Maps a driver error; unique violations become [`StoreError::Conflict`].
+pub(crate) fn db(e: sqlx::Error) -> StoreError {
+    if let sqlx::Error::Database(d) = &e
+        && d.is_unique_violation()
+    {
+        return StoreError::Conflict(d.message().to_string());
+    }
+    StoreError::Database(e.to_string())
+}
+
+/// Applies `migrations` in order, each once, recording them in `morrigan_migrations`.
+macro_rules! migrate {
+    ($pool:expr, $migrations:expr) => {{
+        use $crate::store::sql::db;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS morrigan_migrations (version BIGINT PRIMARY KEY, applied TEXT NOT NULL)",
+        )
+        .execute($pool)
+        .await
+        .map_err(db)?;
+        for (version, sql) in $migrations {
+            let mut tx = $pool.begin().await.map_err(db)?;
+            let done: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM morrigan_migrations WHERE version = $1")
+                    .bind(version)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            if done.is_some() {
+                continue;
+            }
+            sqlx::raw_sql(sqlx::AssertSqlSafe(*sql))
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            sqlx::query("INSERT INTO morrigan_migrations (version, applied) VALUES ($1, $2)")
+                .bind(version)
+                .bind(morrigan_protocol::time_format::now())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+        }
+        Ok::<(), $crate::store::StoreError>(())
+    }};
+}
+pub(crate) use migrate;
+
+/// Implements [`Store`](super::Store) for `$store` (a struct with a `pool` field) whose rows
+/// are `$row`.
+macro_rules! sql_store {
+    ($store:ident, $row:ty) => {
+        mod sql_impl {
+            use super::$store;
+            use async_trait::async_trait;
+            use morrigan_protocol::records::{ClientCapabilities, ClientRecord, ConnectionRecord};
+            use sqlx::Row;
+            use $crate::store::sql::db;
+            use $crate::store::{
+                CloseInfo, ConnectionFilter, Heartbeat, IdentityRow, NodeRow, Result,
+                SigningKeyRow, Store, StoreError, TokenKind, TokenRow,
+            };
+
+        fn connection_from_row(row: &$row) -> Result<ConnectionRecord> {
+            let get = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+            let code: Option<i64> = row.try_get("close_code").map_err(get)?;
+            Ok(ConnectionRecord {
+                id: row.try_get("id").map_err(get)?,
+                client_id: row.try_get("client_id").map_err(get)?,
+                server_id: row.try_get("server_id").map_err(get)?,
+                token_id: row.try_get("token_id").map_err(get)?,
+                client_address: row.try_get("client_address").map_err(get)?,
+                connected: row.try_get("connected").map_err(get)?,
+                alive: row.try_get("alive").map_err(get)?,
+                open: row.try_get("open").map_err(get)?,
+                last_heartbeat: row.try_get("last_heartbeat").map_err(get)?,
+                disconnected: row.try_get("disconnected").map_err(get)?,
+                report_url: row.try_get("report_url").map_err(get)?,
+                created: row.try_get("created").map_err(get)?,
+                close_code: code.and_then(|c| u16::try_from(c).ok()),
+                close_reason: row.try_get("close_reason").map_err(get)?,
+            })
+        }
+
+        fn client_from_row(row: &$row) -> Result<ClientRecord> {
+            let get = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+            Ok(ClientRecord {
+                id: row.try_get("id").map_err(get)?,
+                created: row.try_get("created").map_err(get)?,
+                updated: row.try_get("updated").map_err(get)?,
+                token_id: row.try_get("token_id").map_err(get)?,
+                state: row.try_get("state").map_err(get)?,
+                state_updated: row.try_get("state_updated").map_err(get)?,
+            })
+        }
+
+        fn identity_from_row(row: &$row) -> Result<IdentityRow> {
+            let get = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+            let functions: String = row.try_get("functions").map_err(get)?;
+            Ok(IdentityRow {
+                id: row.try_get("id").map_err(get)?,
+                name: row.try_get("name").map_err(get)?,
+                functions: serde_json::from_str(&functions)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                password_hash: row.try_get("password_hash").map_err(get)?,
+                created: row.try_get("created").map_err(get)?,
+                updated: row.try_get("updated").map_err(get)?,
+            })
+        }
+
+        fn token_from_row(row: &$row) -> Result<TokenRow> {
+            let get = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+            let kind: String = row.try_get("kind").map_err(get)?;
+            Ok(TokenRow {
+                id: row.try_get("id").map_err(get)?,
+                kind: match kind.as_str() {
+                    "user" => TokenKind::User,
+                    "identity" => TokenKind::Identity,
+                    other => return Err(StoreError::Corrupt(format!("token kind {other}"))),
+                },
+                subject: row.try_get("subject").map_err(get)?,
+                issuer: row.try_get("issuer").map_err(get)?,
+                issued: row.try_get("issued").map_err(get)?,
+                expires: row.try_get("expires").map_err(get)?,
+            })
+        }
+
+        fn key_from_row(row: &$row) -> Result<SigningKeyRow> {
+            let get = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+            Ok(SigningKeyRow {
+                kid: row.try_get("kid").map_err(get)?,
+                node_id: row.try_get("node_id").map_err(get)?,
+                public_key: row.try_get("public_key").map_err(get)?,
+                created: row.try_get("created").map_err(get)?,
+            })
+        }
+
+        fn node_from_row(row: &$row) -> Result<NodeRow> {
+            let get = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+            Ok(NodeRow {
+                id: row.try_get("id").map_err(get)?,
+                public_url: row.try_get("public_url").map_err(get)?,
+                version: row.try_get("version").map_err(get)?,
+                started: row.try_get("started").map_err(get)?,
+                lease_expires: row.try_get("lease_expires").map_err(get)?,
+                state: row.try_get("state").map_err(get)?,
+            })
+        }
+
+        #[async_trait]
+        impl Store for $store {
+            async fn put_signing_key(&self, key: &SigningKeyRow) -> Result<()> {
+                sqlx::query(
+                    "INSERT INTO signing_keys (kid, node_id, public_key, created) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (kid) DO NOTHING",
+                )
+                .bind(&key.kid)
+                .bind(&key.node_id)
+                .bind(&key.public_key)
+                .bind(&key.created)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(())
+            }
+
+            async fn signing_key(&self, kid: &str) -> Result<Option<SigningKeyRow>> {
+                let row = sqlx::query("SELECT * FROM signing_keys WHERE kid = $1")
+                    .bind(kid)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)?;
+                row.as_ref().map(key_from_row).transpose()
+            }
+
+            async fn signing_keys(&self) -> Result<Vec<SigningKeyRow>> {
+                let rows = sqlx::query("SELECT * FROM signing_keys ORDER BY created")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?;
+                rows.iter().map(key_from_row).collect()
+            }
+
+            async fn register_node(&self, node: &NodeRow) -> Result<()> {
+                sqlx::query(
+                    "INSERT INTO nodes (id, public_url, version, started, lease_expires, state) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET \
+                     public_url = excluded.public_url, version = excluded.version, started = excluded.started, \
+                     lease_expires = excluded.lease_expires, state = excluded.state",
+                )
+                .bind(&node.id)
+                .bind(&node.public_url)
+                .bind(&node.version)
+                .bind(&node.started)
+                .bind(&node.lease_expires)
+                .bind(&node.state)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(())
+            }
+
+            async fn renew_node(&self, id: &str, lease_expires: &str) -> Result<bool> {
+                let r = sqlx::query(
+                    "UPDATE nodes SET lease_expires = $2 WHERE id = $1 AND state = 'running'",
+                )
+                .bind(id)
+                .bind(lease_expires)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(r.rows_affected() == 1)
+            }
+
+            async fn reap_nodes(&self, now: &str, except: &str) -> Result<Vec<NodeRow>> {
+                let rows = sqlx::query(
+                    "UPDATE nodes SET state = 'lost' WHERE state = 'running' AND lease_expires < $1 \
+                     AND id <> $2 RETURNING *",
+                )
+                .bind(now)
+                .bind(except)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                rows.iter().map(node_from_row).collect()
+            }
+
+            async fn stop_node(&self, id: &str, at: &str) -> Result<()> {
+                sqlx::query("UPDATE nodes SET state = 'stopped', lease_expires = $2 WHERE id = $1")
+                    .bind(id)
+                    .bind(at)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(())
+            }
+
+            async fn nodes(&self) -> Result<Vec<NodeRow>> {
+                let rows = sqlx::query("SELECT * FROM nodes ORDER BY started")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?;
+                rows.iter().map(node_from_row).collect()
+            }
+
+            async fn count_identities(&self) -> Result<i64> {
+                sqlx::query_scalar("SELECT COUNT(*) FROM identities")
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db)
+            }
+
+            async fn insert_identity(&self, row: &IdentityRow) -> Result<()> {
+                let functions =
+                    serde_json::to_string(&row.functions).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                sqlx::query(
+                    "INSERT INTO identities (id, name, functions, password_hash, created, updated) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(&row.id)
+                .bind(&row.name)
+                .bind(functions)
+                .bind(&row.password_hash)
+                .bind(&row.created)
+                .bind(&row.updated)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(())
+            }
+
+            async fn identity(&self, id: &str) -> Result<Option<IdentityRow>> {
+                let row = sqlx::query("SELECT * FROM identities WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)?;
+                row.as_ref().map(identity_from_row).transpose()
+            }
+
+            async fn identity_by_name(&self, name: &str) -> Result<Option<IdentityRow>> {
+                let row = sqlx::query("SELECT * FROM identities WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)?;
+                row.as_ref().map(identity_from_row).transpose()
+            }
+
+            async fn identities(&self) -> Result<Vec<IdentityRow>> {
+                let rows = sqlx::query("SELECT * FROM identities ORDER BY created, name")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?;
+                rows.iter().map(identity_from_row).collect()
+            }
+
+            async fn update_identity(&self, row: &IdentityRow) -> Result<bool> {
+                let functions =
+                    serde_json::to_string(&row.functions).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let r = sqlx::query(
+                    "UPDATE identities SET name = $2, functions = $3, password_hash = $4, updated = $5 \
+                     WHERE id = $1",
+                )
+                .bind(&row.id)
+                .bind(&row.name)
+                .bind(functions)
+                .bind(&row.password_hash)
+                .bind(&row.updated)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(r.rows_affected() == 1)
+            }
+
+            async fn delete_identity(&self, id: &str) -> Result<bool> {
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                let r = sqlx::query("DELETE FROM identities WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                sqlx::query("DELETE FROM tokens WHERE kind = 'user' AND subject = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                tx.commit().await.map_err(db)?;
+                Ok(r.rows_affected() == 1)
+            }
+
+            async fn insert_token(&self, row: &TokenRow) -> Result<()> {
+                sqlx::query(
+                    "INSERT INTO tokens (id, kind, subject, issuer, issued, expires) VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(&row.id)
+                .bind(row.kind.as_str())
+                .bind(&row.subject)
+                .bind(&row.issuer)
+                .bind(&row.issued)
+                .bind(&row.expires)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(())
+            }
+
+            async fn live_token(&self, id: &str, now: &str) -> Result<Option<TokenRow>> {
+                let row = sqlx::query("SELECT * FROM tokens WHERE id = $1 AND expires > $2")
+                    .bind(id)
+                    .bind(now)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)?;
+                row.as_ref().map(token_from_row).transpose()
+            }
+
+            async fn revoke_tokens(
+                &self,
+                kind: TokenKind,
+                subject: &str,
+                keep: Option<&str>,
+            ) -> Result<u64> {
+                let r = sqlx::query("DELETE FROM tokens WHERE kind = $1 AND subject = $2 AND id <> $3")
+                    .bind(kind.as_str())
+                    .bind(subject)
+                    .bind(keep.unwrap_or(""))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(r.rows_affected())
+            }
+
+            async fn shorten_tokens(
+                &self,
+                kind: TokenKind,
+                subject: &str,
+                keep: &str,
+                expires: &str,
+            ) -> Result<u64> {
+                let r = sqlx::query(
+                    "UPDATE tokens SET expires = $4 WHERE kind = $1 AND subject = $2 AND id <> $3 AND expires > $4",
+                )
+                .bind(kind.as_str())
+                .bind(subject)
+                .bind(keep)
+                .bind(expires)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(r.rows_affected())
+            }
+
+            async fn purge_expired_tokens(&self, now: &str) -> Result<u64> {
+                let r = sqlx::query("DELETE FROM tokens WHERE expires <= $1")
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(r.rows_affected())
+            }
+
+            async fn upsert_client(&self, id: &str, now: &str) -> Result<ClientRecord> {
+                let row = sqlx::query(
+                    "INSERT INTO clients (id, created, updated) VALUES ($1, $2, $2) \
+                     ON CONFLICT (id) DO UPDATE SET updated = excluded.updated RETURNING *",
+                )
+                .bind(id)
+                .bind(now)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db)?;
+                client_from_row(&row)
+            }
+
+            async fn client(&self, id: &str) -> Result<Option<ClientRecord>> {
+                let row = sqlx::query("SELECT * FROM clients WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)?;
+                row.as_ref().map(client_from_row).transpose()
+            }
+
+            async fn clients(&self) -> Result<Vec<ClientRecord>> {
+                let rows = sqlx::query("SELECT * FROM clients ORDER BY created, id")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?;
+                rows.iter().map(client_from_row).collect()
+            }
+
+            async fn delete_client(&self, id: &str) -> Result<bool> {
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                let r = sqlx::query("DELETE FROM clients WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                sqlx::query("DELETE FROM tokens WHERE kind = 'identity' AND subject = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                tx.commit().await.map_err(db)?;
+                Ok(r.rows_affected() == 1)
+            }
+
+            async fn set_client_token(&self, id: &str, token_id: &str, now: &str) -> Result<bool> {
+                let r = sqlx::query("UPDATE clients SET token_id = $2, updated = $3 WHERE id = $1")
+                    .bind(id)
+                    .bind(token_id)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(r.rows_affected() == 1)
+            }
+
+            async fn set_client_state(&self, id: &str, state: &str, now: &str) -> Result<bool> {
+                let r = sqlx::query("UPDATE clients SET state = $2, state_updated = $3 WHERE id = $1")
+                    .bind(id)
+                    .bind(state)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(r.rows_affected() == 1)
+            }
+
+            async fn set_capabilities(&self, id: &str, capabilities: &str, now: &str) -> Result<bool> {
+                let r = sqlx::query(
+                    "UPDATE clients SET capabilities = $2, capabilities_reported = $3 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(capabilities)
+                .bind(now)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(r.rows_affected() == 1)
+            }
+
+            async fn capabilities(&self, id: &str) -> Result<Option<ClientCapabilities>> {
+                let row = sqlx::query(
+                    "SELECT capabilities, capabilities_reported FROM clients WHERE id = $1 AND capabilities IS NOT NULL",
+                )
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+                let Some(row) = row else { return Ok(None) };
+                let get = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+                let text: String = row.try_get("capabilities").map_err(get)?;
+                Ok(Some(ClientCapabilities {
+                    client_id: id.to_string(),
+                    capabilities: serde_json::from_str(&text)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    reported: row.try_get("capabilities_reported").map_err(get)?,
+                }))
+            }
+
+            async fn insert_connection(&self, r: &ConnectionRecord, token_expires: &str) -> Result<()> {
+                sqlx::query(
+                    "INSERT INTO connections (id, client_id, server_id, token_id, token_expires, client_address, \
+                     connected, alive, open, last_heartbeat, disconnected, report_url, created) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                )
+                .bind(&r.id)
+                .bind(&r.client_id)
+                .bind(&r.server_id)
+                .bind(&r.token_id)
+                .bind(token_expires)
+                .bind(&r.client_address)
+                .bind(&r.connected)
+                .bind(r.alive)
+                .bind(r.open)
+                .bind(&r.last_heartbeat)
+                .bind(&r.disconnected)
+                .bind(&r.report_url)
+                .bind(&r.created)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(())
+            }
+
+            async fn connection(&self, id: &str) -> Result<Option<ConnectionRecord>> {
+                let row = sqlx::query(concat!("SELECT ", $crate::store::sql::conn_cols!(), " FROM connections WHERE id = $1"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+                row.as_ref().map(connection_from_row).transpose()
+            }
+
+            async fn connections(&self, f: &ConnectionFilter) -> Result<Vec<ConnectionRecord>> {
+                // Optional filters as `($n IS NULL OR col = $n)` keep one static, portable statement.
+                let rows = sqlx::query(concat!("SELECT ", $crate::store::sql::conn_cols!(), " FROM connections \
+                     WHERE ($1 IS NULL OR client_id = $1) AND ($2 IS NULL OR server_id = $2) \
+                     AND ($3 IS NULL OR open = $3) ORDER BY created DESC, id LIMIT $4"))
+                .bind(&f.client_id)
+                .bind(&f.server_id)
+                .bind(f.open)
+                .bind(i64::from(f.limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                rows.iter().map(connection_from_row).collect()
+            }
+
+            async fn accept_connection(
+                &self,
+                id: &str,
+                token_id: &str,
+                server_id: &str,
+                address: &str,
+                now: &str,
+            ) -> Result<Option<ConnectionRecord>> {
+                let row = sqlx::query(concat!("UPDATE connections SET token_used = TRUE, server_id = $3, client_address = $4, \
+                     connected = $5, alive = TRUE, last_heartbeat = $5 \
+                     WHERE id = $1 AND token_id = $2 AND token_used = FALSE AND open AND token_expires > $5 \
+                     RETURNING ", $crate::store::sql::conn_cols!(), ""))
+                .bind(id)
+                .bind(token_id)
+                .bind(server_id)
+                .bind(address)
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+                row.as_ref().map(connection_from_row).transpose()
+            }
+
+            async fn open_connections_of_client(
+                &self,
+                client_id: &str,
+                except: &str,
+            ) -> Result<Vec<ConnectionRecord>> {
+                let rows = sqlx::query(concat!("SELECT ", $crate::store::sql::conn_cols!(), " FROM connections WHERE client_id = $1 AND open AND id <> $2"))
+                .bind(client_id)
+                .bind(except)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                rows.iter().map(connection_from_row).collect()
+            }
+
+            async fn close_connection(&self, id: &str, c: &CloseInfo<'_>) -> Result<bool> {
+                let r = sqlx::query(
+                    "UPDATE connections SET open = FALSE, alive = FALSE, disconnected = $2, close_code = $3, \
+                     close_reason = $4 WHERE id = $1 AND open",
+                )
+                .bind(id)
+                .bind(c.at)
+                .bind(i64::from(c.code))
+                .bind(c.reason)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(r.rows_affected() == 1)
+            }
+
+            async fn close_client_connections(
+                &self,
+                client_id: &str,
+                c: &CloseInfo<'_>,
+            ) -> Result<Vec<ConnectionRecord>> {
+                let rows = sqlx::query(concat!("UPDATE connections SET open = FALSE, alive = FALSE, disconnected = $2, close_code = $3, \
+                     close_reason = $4 WHERE client_id = $1 AND open RETURNING ", $crate::store::sql::conn_cols!(), ""))
+                .bind(client_id)
+                .bind(c.at)
+                .bind(i64::from(c.code))
+                .bind(c.reason)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                rows.iter().map(connection_from_row).collect()
+            }
+
+            async fn close_node_connections(&self, server_id: &str, c: &CloseInfo<'_>) -> Result<u64> {
+                let r = sqlx::query(
+                    "UPDATE connections SET open = FALSE, alive = FALSE, disconnected = $2, close_code = $3, \
+                     close_reason = $4 WHERE server_id = $1 AND open",
+                )
+                .bind(server_id)
+                .bind(c.at)
+                .bind(i64::from(c.code))
+                .bind(c.reason)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(r.rows_affected())
+            }
+
+            async fn record_heartbeats(&self, beats: &[Heartbeat]) -> Result<()> {
+                if beats.is_empty() {
+                    return Ok(());
+                }
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                for b in beats {
+                    sqlx::query(
+                        "UPDATE connections SET alive = $2, last_heartbeat = COALESCE($3, last_heartbeat) \
+                         WHERE id = $1 AND open",
+                    )
+                    .bind(&b.connection_id)
+                    .bind(b.alive)
+                    .bind(&b.last_heartbeat)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                }
+                tx.commit().await.map_err(db)?;
+                Ok(())
+            }
+
+            async fn expire_pending_connections(&self, now: &str) -> Result<u64> {
+                let r = sqlx::query(
+                    "UPDATE connections SET open = FALSE, alive = FALSE, disconnected = $1, \
+                     close_reason = 'connection token expired unused' \
+                     WHERE open AND token_used = FALSE AND token_expires <= $1",
+                )
+                .bind(now)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(r.rows_affected())
+            }
+
+            async fn purge_closed_connections(&self, before: &str) -> Result<u64> {
+                let r = sqlx::query("DELETE FROM connections WHERE open = FALSE AND disconnected < $1")
+                    .bind(before)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(r.rows_affected())
+            }
+
+            async fn stash_payload(&self, id: &str, body: &str, now: &str) -> Result<()> {
+                sqlx::query("INSERT INTO bus_payloads (id, body, created) VALUES ($1, $2, $3)")
+                    .bind(id)
+                    .bind(body)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(())
+            }
+
+            async fn take_payload(&self, id: &str) -> Result<Option<String>> {
+                sqlx::query_scalar("DELETE FROM bus_payloads WHERE id = $1 RETURNING body")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)
+            }
+
+            async fn purge_payloads(&self, before: &str) -> Result<u64> {
+                let r = sqlx::query("DELETE FROM bus_payloads WHERE created < $1")
+                    .bind(before)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(r.rows_affected())
+            }
+        }
+        }
+    };
+}
+pub(crate) use sql_store;
