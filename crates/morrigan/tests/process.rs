@@ -1,0 +1,413 @@
+//! The real binary: `morrigan serve` as an operator runs it. First start without a password,
+//! SIGTERM with a connected device, kill -9 and restart, and `morrigan.toml` with flags over it.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+const PASSWORD: &str = "process-test-password";
+const WAIT: Duration = Duration::from_secs(20);
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A free port on 127.0.0.1 (bound and released; the server binds it right after).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `morrigan serve`, killed on drop.
+struct Proc {
+    child: Child,
+    base: String,
+    log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `morrigan <args>` in `cwd` (so no stray ./morrigan.toml is read) and waits for
+/// `/healthz` on `port`.
+async fn spawn(cwd: &Path, port: u16, args: &[&str], password: Option<&str>) -> Proc {
+    static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = cwd.join(format!("serve-{n}.log"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_morrigan"));
+    cmd.args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new().append(true).open(&log).unwrap(),
+        ))
+        .env("MORRIGAN_LOG", "info");
+    for var in [
+        "MORRIGAN_CONFIG",
+        "MORRIGAN_LISTEN",
+        "MORRIGAN_DATA_DIR",
+        "MORRIGAN_PUBLIC_URL",
+        "MORRIGAN_DATABASE_URL",
+        "MORRIGAN_HEARTBEAT_INTERVAL",
+        "MORRIGAN_CONNECTION_TOKEN_TTL",
+        "MORRIGAN_TLS_CERT",
+        "MORRIGAN_TLS_KEY",
+        "MORRIGAN_ADMIN_PASSWORD",
+    ] {
+        cmd.env_remove(var);
+    }
+    if let Some(p) = password {
+        cmd.env("MORRIGAN_ADMIN_PASSWORD", p);
+    }
+    let child = cmd.spawn().expect("start morrigan");
+    let mut proc = Proc {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        log,
+    };
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            panic!("morrigan exited early ({status}):\n{}", proc.log_text());
+        }
+        if let Ok(res) = http.get(format!("{}/healthz", proc.base)).send().await
+            && res.status().as_u16() == 200
+        {
+            return proc;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no /healthz in time:\n{}",
+            proc.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `morrigan serve --listen 127.0.0.1:<port> --data-dir <data>` with the admin password set.
+async fn serve(tmp: &Path, data: &Path) -> Proc {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    spawn(
+        tmp,
+        port,
+        &[
+            "serve",
+            "--listen",
+            &listen,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        Some(PASSWORD),
+    )
+    .await
+}
+
+impl Proc {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    /// Waits (bounded) for the process to exit.
+    async fn exit_within(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still running after {limit:?}:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn login(&self, password: &str) -> (u16, Value) {
+        let res = reqwest::Client::new()
+            .post(format!("{}/api/auth", self.base))
+            .json(&json!({"name": "admin", "password": password}))
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn admin(&self) -> String {
+        let (status, body) = self.login(PASSWORD).await;
+        assert_eq!(status, 200, "{body}");
+        body["token"].as_str().unwrap().to_string()
+    }
+
+    async fn get(&self, path: &str, token: &str) -> (u16, Value) {
+        let res = reqwest::Client::new()
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Provisions `client` and returns a connection token.
+    async fn connection_token(&self, admin: &str, client: &str) -> String {
+        let http = reqwest::Client::new();
+        let identity: String = http
+            .post(format!("{}/api/core/client/provision", self.base))
+            .bearer_auth(admin)
+            .json(&json!({"id": client}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let body: Value = http
+            .post(format!("{}/api/core/connection", self.base))
+            .header("authorization", identity)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["token"].as_str().expect("token").to_string()
+    }
+
+    /// Provisions and connects `client`; returns the socket and the connection id.
+    async fn device(&self, admin: &str, client: &str) -> (Ws, String) {
+        let token = self.connection_token(admin, client).await;
+        let url = format!(
+            "{}/api/core/connection/connect",
+            self.base.replace("http://", "ws://")
+        );
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut()
+            .insert("origin", HeaderValue::from_str(&token).unwrap());
+        let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+            .await
+            .unwrap()
+            .expect("connect");
+        let first = next_text(&mut ws).await;
+        assert_eq!(first["state"], "accepted", "{first}");
+        let id = first["connectionId"].as_str().unwrap().to_string();
+        (ws, id)
+    }
+}
+
+async fn next_text(ws: &mut Ws) -> Value {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(t.as_str()).unwrap(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// The close code the socket receives, or `None` if it ends without a close frame.
+async fn close_code(ws: &mut Ws) -> Option<u16> {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(other)) => panic!("unexpected {other:?}"),
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn first_start_without_a_password_writes_a_private_generated_one() {
+    let tmp = TempDir::new().unwrap();
+    let data = tmp.path().join("data");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let proc = spawn(
+        tmp.path(),
+        port,
+        &[
+            "serve",
+            "--listen",
+            &listen,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        None,
+    )
+    .await;
+    let file = data.join("initial-admin-password");
+    let meta = std::fs::metadata(&file).expect("initial-admin-password written");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    }
+    let _ = meta;
+    let password = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    assert!(password.len() >= 16, "a strong generated password");
+    let (status, body) = proc.login(&password).await;
+    assert_eq!(status, 200, "{body}");
+    // The log says where it is, not what it is.
+    let log = proc.log_text();
+    assert!(log.contains("initial-admin-password"), "{log}");
+    assert!(!log.contains(&password), "the password must not be logged");
+    // No hard-coded fallback.
+    for guess in ["admin", "password", "morrigan"] {
+        assert_eq!(proc.login(guess).await.0, 403);
+    }
+}
+
+#[tokio::test]
+async fn sigterm_closes_sockets_with_1001_writes_records_and_exits_0() {
+    let tmp = TempDir::new().unwrap();
+    let data = tmp.path().join("data");
+    let mut proc = serve(tmp.path(), &data).await;
+    let admin = proc.admin().await;
+    let (mut ws, id) = proc.device(&admin, "dev").await;
+    let reader = tokio::spawn(async move { close_code(&mut ws).await });
+
+    proc.signal("-TERM");
+    let status = proc.exit_within(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{}", proc.log_text());
+    assert_eq!(reader.await.unwrap(), Some(1001));
+    drop(proc);
+
+    let proc = serve(tmp.path(), &data).await;
+    let admin = proc.admin().await;
+    let (status, r) = proc
+        .get(&format!("/api/core/connection/{id}"), &admin)
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["open"], false, "{r}");
+    assert_eq!(r["alive"], false, "{r}");
+    assert_eq!(r["closeCode"], 1001, "{r}");
+    assert!(r["disconnected"].is_string(), "{r}");
+}
+
+#[tokio::test]
+async fn after_kill_9_a_restart_closes_the_record_left_open() {
+    let tmp = TempDir::new().unwrap();
+    let data = tmp.path().join("data");
+    let mut proc = serve(tmp.path(), &data).await;
+    let admin = proc.admin().await;
+    let (mut ws, id) = proc.device(&admin, "dev").await;
+
+    proc.signal("-KILL");
+    let status = proc.exit_within(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), None, "killed by a signal");
+    // No close frame from a killed process.
+    assert_eq!(close_code(&mut ws).await, None);
+    drop(proc);
+
+    let proc = serve(tmp.path(), &data).await;
+    let admin = proc.admin().await;
+    let (status, r) = proc
+        .get(&format!("/api/core/connection/{id}"), &admin)
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["open"], false, "{r}");
+    assert_eq!(r["alive"], false, "{r}");
+    assert!(r["disconnected"].is_string(), "{r}");
+    let (_, open) = proc.get("/api/core/connection?open=true", &admin).await;
+    assert_eq!(open, json!([]));
+}
+
+#[tokio::test]
+async fn morrigan_toml_is_read_and_flags_override_it() {
+    let tmp = TempDir::new().unwrap();
+    let port = free_port();
+    let data = tmp.path().join("data");
+    // ./morrigan.toml in the working directory is read by default.
+    std::fs::write(
+        tmp.path().join("morrigan.toml"),
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\npublic_url = \"https://from-file.example\"\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let proc = spawn(tmp.path(), port, &["serve"], Some(PASSWORD)).await;
+    assert!(data.join("morrigan.db").exists(), "data_dir from the file");
+    let admin = proc.admin().await;
+    let token = proc.connection_token(&admin, "dev").await;
+    assert_eq!(
+        report_url(&token),
+        "https://from-file.example/api/core/connection/connect"
+    );
+    drop(proc);
+
+    // A flag wins over the file (here given with --config).
+    let config = tmp.path().join("other.toml");
+    std::fs::rename(tmp.path().join("morrigan.toml"), &config).unwrap();
+    let proc = spawn(
+        tmp.path(),
+        port,
+        &[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--public-url",
+            "https://from-flag.example/",
+        ],
+        Some(PASSWORD),
+    )
+    .await;
+    let admin = proc.admin().await;
+    let token = proc.connection_token(&admin, "dev").await;
+    assert_eq!(
+        report_url(&token),
+        "https://from-flag.example/api/core/connection/connect"
+    );
+    drop(proc);
+
+    // An unknown key is an error, not silently ignored.
+    std::fs::write(&config, "listen_on = \"127.0.0.1:1\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_morrigan"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .current_dir(tmp.path())
+        .env_remove("MORRIGAN_ADMIN_PASSWORD")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+fn report_url(jwt: &str) -> String {
+    use base64::Engine;
+    let payload = jwt.split('.').nth(1).unwrap();
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    claims["reportUrl"].as_str().unwrap().to_string()
+}
