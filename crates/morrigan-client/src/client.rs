@@ -219,7 +219,8 @@ impl Sender {
 /// Configures a [`Client`]. Created by [`Client::builder`].
 #[must_use]
 pub struct ClientBuilder {
-    provider_url: String,
+    /// Tried in turn: the first, then the next whenever an attempt fails or a connection is lost.
+    provider_urls: Vec<String>,
     identity_token: String,
     state_dir: Option<PathBuf>,
     backoff: BackoffConfig,
@@ -235,6 +236,16 @@ pub struct ClientBuilder {
 }
 
 impl ClientBuilder {
+    /// Adds another provider URL (another node of the cluster, or another cluster). The client
+    /// starts with the first URL and moves on to the next one, round robin, whenever a
+    /// connection attempt fails or an accepted connection is lost; the backoff applies as
+    /// usual between attempts. Fatal errors (a refused identity, a revoked client) stop the
+    /// client whichever URL gave them.
+    pub fn fallback_url(mut self, provider_url: impl Into<String>) -> Self {
+        self.provider_urls.push(provider_url.into());
+        self
+    }
+
     /// Where to keep the newest identity token (`<dir>/identity-token`, 0600, replaced
     /// atomically). Without one, a refreshed token lives only in memory and a restart falls back
     /// to the token given to [`Client::builder`], which the refresh has revoked.
@@ -335,8 +346,16 @@ impl ClientBuilder {
         if !self.errors.is_empty() {
             return Err(Error::Config(self.errors.join("; ")));
         }
-        let endpoint =
-            Endpoint::with_root_cas(&self.provider_url, &self.root_ca_pems)?.timeout(self.timeout);
+        if self.provider_urls.is_empty() {
+            return Err(Error::Config("no provider URL".into()));
+        }
+        let endpoints = self
+            .provider_urls
+            .iter()
+            .map(|url| {
+                Endpoint::with_root_cas(url, &self.root_ca_pems).map(|e| e.timeout(self.timeout))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let store = self.state_dir.map(TokenStore::new);
         let given = parse_identity_token(&self.identity_token);
         let persisted = match &store {
@@ -359,7 +378,7 @@ impl ClientBuilder {
             .map_err(|_| Error::Config("identity token is not a JWT".into()))?;
         tracing::debug!(token = %token_label(&token), "identity token selected");
         Ok(Client {
-            endpoint,
+            endpoints,
             store,
             token,
             backoff: self.backoff,
@@ -425,7 +444,7 @@ fn capability_report(handlers: &Handlers, explicit: Vec<Capability>) -> Vec<Capa
 
 /// A configured device client; [`start`](Self::start) it to connect.
 pub struct Client {
-    endpoint: Endpoint,
+    endpoints: Vec<Endpoint>,
     store: Option<TokenStore>,
     token: String,
     backoff: BackoffConfig,
@@ -440,7 +459,7 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("endpoint", &self.endpoint)
+            .field("endpoints", &self.endpoints)
             .field("token", &token_label(&self.token))
             .finish_non_exhaustive()
     }
@@ -455,7 +474,7 @@ impl Client {
         identity_token: impl Into<String>,
     ) -> ClientBuilder {
         ClientBuilder {
-            provider_url: provider_url.into(),
+            provider_urls: vec![provider_url.into()],
             identity_token: identity_token.into(),
             state_dir: None,
             backoff: BackoffConfig::default(),
@@ -468,6 +487,28 @@ impl Client {
             event_capacity: DEFAULT_EVENT_CAPACITY,
             errors: Vec::new(),
         }
+    }
+
+    /// Like [`builder`](Self::builder), with several provider URLs tried in turn (see
+    /// [`ClientBuilder::fallback_url`]): a device can fail over to another node or cluster.
+    /// An empty list makes [`build`](ClientBuilder::build) fail.
+    pub fn builder_multi<I, U>(provider_urls: I, identity_token: impl Into<String>) -> ClientBuilder
+    where
+        I: IntoIterator<Item = U>,
+        U: Into<String>,
+    {
+        let mut builder = Self::builder(String::new(), identity_token);
+        builder.provider_urls = provider_urls.into_iter().map(Into::into).collect();
+        builder
+    }
+
+    /// The provider URLs the client tries, in order (bare server URLs completed with
+    /// `/api/core/connection`).
+    pub fn provider_urls(&self) -> Vec<String> {
+        self.endpoints
+            .iter()
+            .map(|e| e.provider_url().to_string())
+            .collect()
     }
 
     /// Spawns the client on the current tokio runtime and returns its handle and a first event
@@ -493,7 +534,8 @@ impl Client {
             shared: shared.clone(),
         };
         let runner = Runner {
-            endpoint: self.endpoint,
+            endpoints: self.endpoints,
+            current: 0,
             store: self.store,
             shared: shared.clone(),
             handlers: self.handlers,
@@ -609,7 +651,9 @@ enum SessionEnd {
 
 /// The supervisor: owns the connection and everything the client spawned.
 struct Runner {
-    endpoint: Endpoint,
+    /// Never empty; `current` is the one the next attempt uses.
+    endpoints: Vec<Endpoint>,
+    current: usize,
     store: Option<TokenStore>,
     shared: Arc<Shared>,
     handlers: Arc<Handlers>,
@@ -632,6 +676,15 @@ fn stop_reason(received: Option<String>) -> String {
 }
 
 impl Runner {
+    /// Moves on to the next provider URL (round robin) after a failed attempt or a lost
+    /// connection.
+    fn next_endpoint(&mut self) {
+        if self.endpoints.len() > 1 {
+            self.current = (self.current + 1) % self.endpoints.len();
+            tracing::info!(url = %self.endpoints[self.current].provider_url(), "next attempt uses another provider URL");
+        }
+    }
+
     async fn run(mut self) -> Result<(), Error> {
         let result = self.supervise().await;
         match &result {
@@ -651,13 +704,14 @@ impl Runner {
         loop {
             // Always the newest token: a refresh revokes the previous one (the original's K6).
             let token = self.shared.token();
+            let endpoint = self.endpoints[self.current].clone();
             let attempt = tokio::select! {
                 biased;
                 reason = self.stop_rx.recv() => {
                     tracing::debug!(reason = %stop_reason(reason), "stopped while connecting");
                     return Ok(());
                 }
-                attempt = self.endpoint.connect(&token) => attempt,
+                attempt = endpoint.connect(&token) => attempt,
             };
             let mut floor = Duration::ZERO;
             match attempt {
@@ -690,9 +744,10 @@ impl Runner {
                     if e.is_fatal() {
                         return Err(e);
                     }
-                    tracing::warn!(error = %e, "connection attempt failed");
+                    tracing::warn!(error = %e, url = %endpoint.provider_url(), "connection attempt failed");
                 }
             }
+            self.next_endpoint();
             let delay = self.backoff.next_delay_with_floor(floor);
             let attempt = self.backoff.attempt();
             tracing::info!(attempt, ?delay, "reconnecting");

@@ -12,6 +12,9 @@
 //!   connection, and obeys the server's close codes: 4003 (revoked/deprovisioned) and 4001
 //!   (superseded) stop it with an error, 1001 (server going away) reconnects spread out so that a
 //!   fleet does not stampede;
+//! * fails over between several provider URLs (other nodes or clusters), moving to the next one
+//!   whenever an attempt fails or a connection is lost ([`Client::builder_multi`],
+//!   [`ClientBuilder::fallback_url`]);
 //! * asks for a new identity token on every connect and periodically, always uses the newest one,
 //!   and saves it atomically (0600) in a state directory so that a restart uses it too;
 //! * dispatches messages to async handlers registered per type or per provider, reports

@@ -805,3 +805,66 @@ async fn stop_is_bounded_when_the_server_does_not_answer() {
         started.elapsed()
     );
 }
+
+/// A URL on 127.0.0.1 where nothing listens (the port was free a moment ago).
+async fn closed_port_url() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    format!("http://{addr}/api/core/connection")
+}
+
+#[tokio::test]
+async fn several_provider_urls_are_tried_in_turn() {
+    let mut a = Mock::start().await;
+    let mut b = Mock::start().await;
+    // Both "nodes" accept the same identity token (one cluster, one store).
+    let identity = a.provision();
+    b.state.lock().unwrap().identities.insert(identity.clone());
+    let dead = closed_port_url().await;
+    let client = Client::builder_multi([dead.clone(), a.provider_url()], &identity)
+        .fallback_url(b.provider_url())
+        .backoff(fast_backoff())
+        .token_refresh(None)
+        .build()
+        .unwrap();
+    assert_eq!(
+        client.provider_urls(),
+        [dead.clone(), a.provider_url(), b.provider_url()]
+    );
+    let (handle, mut events) = client.start();
+
+    // The first URL refuses the TCP connection: the next one is tried.
+    let event = wait_for(&mut events, |e| {
+        matches!(e, Event::ConnectFailed(_) | Event::Connected { .. })
+    })
+    .await;
+    assert!(
+        matches!(event, Event::ConnectFailed(Error::Http(_))),
+        "{event:?}"
+    );
+    let conn_a = a.accepted().await;
+    wait_for(&mut events, |e| matches!(e, Event::Connected { .. })).await;
+
+    // A lost connection moves on to the next URL too.
+    conn_a.close(1011, "node failing");
+    let conn_b = b.accepted().await;
+    wait_for(&mut events, |e| matches!(e, Event::Connected { .. })).await;
+    assert_eq!(a.exchanges().len(), 1);
+    assert_eq!(b.exchanges().len(), 1);
+
+    // And round robin: after B, the dead URL again, then A.
+    conn_b.close(1011, "node failing");
+    wait_for(&mut events, |e| matches!(e, Event::ConnectFailed(_))).await;
+    let _conn_a2 = a.accepted().await;
+    wait_for(&mut events, |e| matches!(e, Event::Connected { .. })).await;
+    handle.stop("test").await.unwrap();
+}
+
+#[tokio::test]
+async fn an_empty_provider_url_list_is_a_configuration_error() {
+    let err = Client::builder_multi(Vec::<String>::new(), "a.b.c")
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err}");
+}
