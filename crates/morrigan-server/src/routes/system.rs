@@ -26,11 +26,10 @@ async fn healthz(State(s): State<AppState>) -> (axum::http::StatusCode, Json<ser
     };
     (
         status,
+        // Public, so it names no node id, version or load (the original's /api-docs leaked
+        // the server id and version: S15). Operators get those from /api/core/node.
         Json(serde_json::json!({
             "status": if status.is_success() { "ok" } else { "stopping" },
-            "nodeId": &*s.node_id,
-            "version": env!("CARGO_PKG_VERSION"),
-            "connections": s.hub.len(),
         })),
     )
 }
