@@ -57,6 +57,22 @@ pub async fn route(s: &AppState, id: &str, command: BusCommand) -> Result<(), Ap
     }
 }
 
+/// How long supersede and deprovisioning wait for the owning node before closing the record
+/// themselves (a device reconnecting after its node died must not wait for the dead node).
+const CLOSE_ANYWHERE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Whether `node_id` is running with an unexpired lease. A dead node is not asked anything:
+/// its socket is gone and waiting for its answer would only delay the caller.
+async fn node_alive(s: &AppState, node_id: &str) -> bool {
+    let now = morrigan_protocol::time_format::now();
+    match s.store.nodes().await {
+        Ok(nodes) => nodes
+            .iter()
+            .any(|n| n.id == node_id && n.state == "running" && n.lease_expires > now),
+        Err(_) => true,
+    }
+}
+
 /// Asks whichever node holds `record` to close it; closes the record directly when no node can
 /// (pending record, owner gone). Best effort: used by supersede and deprovisioning.
 pub async fn close_anywhere(s: &AppState, record: &ConnectionRecord, code: u16, reason: &str) {
@@ -66,13 +82,14 @@ pub async fn close_anywhere(s: &AppState, record: &ConnectionRecord, code: u16, 
     if let Some(owner) = record.server_id.as_deref()
         && owner != &*s.node_id
         && record.connected.is_some()
+        && node_alive(s, owner).await
     {
         let command = BusCommand::Close {
             connection_id: record.id.clone(),
             code,
             reason: reason.to_string(),
         };
-        if let Ok(BusReply::Ok) = s.bus.request(owner, command, REMOTE_TIMEOUT).await {
+        if let Ok(BusReply::Ok) = s.bus.request(owner, command, CLOSE_ANYWHERE_TIMEOUT).await {
             return;
         }
     }

@@ -298,17 +298,36 @@ async fn scenario(nats: Option<String>) {
     // A send to the closed connection through B: 409.
     assert_eq!(send(&http, &b, &user, &id, &msg).await, 409);
 
-    // The device reconnects to A; A is killed (-9); the survivors close its record.
-    let token3 = connection_token(&http, &a, &identity).await;
-    let mut device = ws_connect(&a, &token3).await.expect("reconnect to A");
-    let id3 = next(&mut device).await.expect("accepted")["connectionId"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    // The device now runs the client library, with node A first in its list: it connects to A.
+    drop(device);
+    let state = tempfile::tempdir().expect("state dir");
+    let urls: Vec<String> = [&a, &b, &c]
+        .iter()
+        .map(|n| format!("{}/api/core/connection", n.url))
+        .collect();
+    let client = morrigan_client::Client::builder_multi(urls, identity.clone())
+        .state_dir(state.path())
+        .backoff(morrigan_client::BackoffConfig {
+            base: Duration::from_millis(100),
+            cap: Duration::from_millis(500),
+            ..Default::default()
+        })
+        .build()
+        .expect("client");
+    let (handle, mut events) = client.start();
+    let id3 = connected(&mut events).await;
+    assert_eq!(
+        record(&http, &c, &user, &id3).await["serverId"],
+        node_a.as_str()
+    );
+
+    // A is killed (-9): the survivors close its record and mark it lost.
     let mut a = a;
     a.kill9();
+    // Closed by a survivor: by the lease reaper, or by the supersede of the device's new
+    // connection on another node, whichever comes first.
     let mut closed = Value::Null;
-    for _ in 0..100 {
+    for _ in 0..150 {
         closed = record(&http, &b, &user, &id3).await;
         if closed["open"] == false {
             break;
@@ -321,43 +340,71 @@ async fn scenario(nats: Option<String>) {
     );
     assert_eq!(closed["alive"], false);
     assert!(closed["disconnected"].is_string());
+    let reason = closed["closeReason"].as_str().unwrap_or_default();
     assert!(
-        closed["closeReason"]
-            .as_str()
-            .unwrap_or_default()
-            .contains(&node_a),
+        reason.contains(&node_a) || reason.starts_with("superseded"),
         "{closed}"
     );
-    let nodes: Value = http
-        .get(format!("{}/api/core/node", c.url))
-        .bearer_auth(&user)
-        .send()
-        .await
-        .expect("nodes")
-        .json()
-        .await
-        .expect("nodes body");
-    let lost = nodes
-        .as_array()
-        .expect("array")
-        .iter()
-        .find(|n| n["id"] == node_a.as_str())
-        .expect("node A listed");
+    // The dead node is marked lost within the lease timeout (2 s here).
+    let mut lost = Value::Null;
+    for _ in 0..100 {
+        let nodes: Value = http
+            .get(format!("{}/api/core/node", c.url))
+            .bearer_auth(&user)
+            .send()
+            .await
+            .expect("nodes")
+            .json()
+            .await
+            .expect("nodes body");
+        lost = nodes
+            .as_array()
+            .expect("array")
+            .iter()
+            .find(|n| n["id"] == node_a.as_str())
+            .cloned()
+            .expect("node A listed");
+        if lost["state"] == "lost" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(lost["state"], "lost");
     // A send to a connection of the dead node does not pretend success.
     assert_eq!(send(&http, &b, &user, &id3, &msg).await, 409);
 
-    // The device fails over to another node with the client library, and sends reach it again.
-    failover(&http, &[&a, &b, &c], &user, &identity).await;
+    // The device reconnected by itself to another node, where sends reach it again.
+    let id4 = connected(&mut events).await;
+    let moved = record(&http, &c, &user, &id4).await;
+    assert_ne!(moved["serverId"], node_a.as_str());
+    assert_eq!(moved["open"], true);
+    let hello = json!({"type": "agent.ping", "payload": "after failover"});
+    assert_eq!(send(&http, &c, &user, &id4, &hello).await, 200);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(15), events.recv()).await {
+            Ok(Some(morrigan_client::Event::Message(m))) if m == hello => break,
+            Ok(Some(_)) => continue,
+            other => panic!("the message did not reach the device: {other:?}"),
+        }
+    }
+    handle.stop("test").await.expect("graceful stop");
     drop(device2);
     drop((a, b, c));
     drop_database(&pg, &database).await;
 }
 
-/// A device using `morrigan-client` with node A (dead) first in its list connects through
-/// another node; a send through C reaches it.
-async fn failover(http: &reqwest::Client, nodes: &[&Node], user: &str, identity: &str) {
-    let _ = (http, nodes, user, identity);
+/// Waits for the client's next `Connected` event and returns the connection id.
+async fn connected(events: &mut morrigan_client::Events) -> String {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), events.recv()).await {
+            Ok(Some(morrigan_client::Event::Connected { connection_id })) => {
+                return connection_id.expect("connection id");
+            }
+            Ok(Some(morrigan_client::Event::Stopped(r))) => panic!("client stopped: {r:?}"),
+            Ok(Some(_)) => continue,
+            other => panic!("the client did not connect: {other:?}"),
+        }
+    }
 }
 
 #[tokio::test]
