@@ -1,5 +1,8 @@
-//! `morrigan`: the server (`serve`) and, over time, the device agent and operator commands.
+//! `morrigan`: the server (`serve`), a device agent (`agent`) and the operator commands
+//! (`login`, `client`, `connection`, `identity`, `node`).
 
+mod agent;
+mod ops;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -34,11 +37,52 @@ enum LogFormat {
 enum Command {
     /// Run a server node.
     Serve(serve::ServeArgs),
+    /// Run a device agent: stays connected, logs what it receives, answers agent.ping.
+    Agent(agent::AgentArgs),
+    /// Log in to a server; the user token is kept (0600) for the other commands.
+    Login(ops::LoginArgs),
+    /// Provision, list, show and deprovision clients (devices).
+    Client(ops::ClientCmd),
+    /// List, show, message and close connections.
+    Connection(ops::ConnectionCmd),
+    /// List, create, delete operator identities and grant them functions.
+    Identity(ops::IdentityCmd),
+    /// List the nodes of the cluster.
+    Node(ops::NodeCmd),
 }
 
-fn init_logging(format: LogFormat) {
+/// A failure reported as one line (`error: <message>`) and a chosen exit code.
+#[derive(Debug)]
+pub struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// Exit code 1.
+    pub fn msg(message: impl Into<String>) -> Self {
+        Self::new(1, message)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+fn init_logging(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MORRIGAN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -50,7 +94,12 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Operator commands print results, not logs.
+    let default_filter = match cli.command {
+        Command::Serve(_) | Command::Agent(_) => "info,sqlx=warn",
+        _ => "warn",
+    };
+    init_logging(cli.log_format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -64,13 +113,22 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::Agent(args) => agent::run(args).await,
+            Command::Login(args) => ops::login(args).await.map_err(Into::into),
+            Command::Client(cmd) => ops::client(cmd).await.map_err(Into::into),
+            Command::Connection(cmd) => ops::connection(cmd).await.map_err(Into::into),
+            Command::Identity(cmd) => ops::identity(cmd).await.map_err(Into::into),
+            Command::Node(cmd) => ops::node(cmd).await.map_err(Into::into),
         }
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            // One line, whatever the error.
+            let line = format!("{e:#}").replace(['\n', '\r'], " ");
+            eprintln!("error: {line}");
+            let code = e.downcast_ref::<Failure>().map_or(1, |f| f.code);
+            std::process::ExitCode::from(code)
         }
     }
 }
