@@ -1,0 +1,277 @@
+//! `morrigan agent` against a real `morrigan serve` process: messages both ways, fail-over from
+//! a dead URL, a server restart, a graceful stop, the refreshed token used after an agent
+//! restart, and a deprovisioned device that stops for good.
+//!
+//! Backoff bounds and jitter are covered with paused time by the SDK's unit tests
+//! (`morrigan-client/src/backoff.rs`); these tests only shorten the delays (`--backoff-base`).
+
+mod cli_support;
+
+use std::path::Path;
+
+use cli_support::{Agent, Cli, Server, eventually, signal, wait_exit};
+use morrigan_client::peek_claims;
+use serde_json::Value;
+
+/// The open, accepted connection of `client`, if any, other than `not`.
+async fn open_connection(cli: &Cli, client: &str, not: Option<&str>) -> Option<Value> {
+    let out = cli
+        .run(&["connection", "ls", "--open", "--client", client, "--json"])
+        .await;
+    if !out.status.success() {
+        return None;
+    }
+    let list: Value = serde_json::from_slice(&out.stdout).ok()?;
+    list.as_array()?
+        .iter()
+        .find(|c| !c["connected"].is_null() && c["id"].as_str() != not)
+        .cloned()
+}
+
+async fn client_record(cli: &Cli, client: &str) -> Value {
+    cli.json(&["client", "show", client]).await
+}
+
+/// Logs in and provisions `client`, its identity token in `<dir>/<client>.token`.
+async fn provisioned(cli: &Cli, dir: &Path, client: &str) -> std::path::PathBuf {
+    cli.login().await;
+    let file = dir.join(format!("{client}.token"));
+    cli.ok(&[
+        "client",
+        "provision",
+        client,
+        "--out",
+        file.to_str().unwrap(),
+    ])
+    .await;
+    file
+}
+
+fn dead_url() -> String {
+    format!("http://127.0.0.1:{}", cli_support::free_port())
+}
+
+#[tokio::test]
+async fn agent_talks_fails_over_survives_a_restart_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data")).await;
+    let cli = Cli::new(&server.url);
+    let token_file = provisioned(&cli, dir.path(), "device-1").await;
+
+    // The first URL refuses connections: the agent fails over to the second (given as the
+    // provider URL, the first as a bare server URL: both forms work).
+    let dead = dead_url();
+    let provider = format!("{}/api/core/connection", server.url);
+    let mut agent = Agent::spawn(
+        &[&dead, &provider],
+        &token_file,
+        &dir.path().join("state"),
+        &dir.path().join("agent.log"),
+    );
+    let first = eventually("the agent's connection", || {
+        open_connection(&cli, "device-1", None)
+    })
+    .await;
+    let first_id = first["id"].as_str().unwrap().to_string();
+    eventually("client.state ready", || async {
+        (client_record(&cli, "device-1").await["state"] == "ready").then_some(())
+    })
+    .await;
+    assert!(
+        agent.log().contains("connection attempt failed"),
+        "{}",
+        agent.log()
+    );
+
+    // Server → agent: the agent logs what it received. Agent → server: it answers with
+    // agent.pong, which the server (having no `agent` provider) answers with a
+    // connection.error naming agent.pong; the agent logs that too, which proves the pong
+    // travelled to the server and back.
+    cli.ok(&[
+        "connection",
+        "send",
+        &first_id,
+        r#"{"type":"agent.ping","payload":{"n":42}}"#,
+    ])
+    .await;
+    let received = |ty: &'static str| {
+        let agent = &agent;
+        move || {
+            let found = agent.events().into_iter().find(|e| {
+                e["fields"]["message"] == "received" && e["fields"]["message_type"] == ty
+            });
+            async move { found }
+        }
+    };
+    let ping = eventually("the agent to log agent.ping", received("agent.ping")).await;
+    let body: Value = serde_json::from_str(ping["fields"]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["payload"]["n"], 42);
+    let error = eventually(
+        "the server's answer to agent.pong",
+        received("connection.error"),
+    )
+    .await;
+    let body: Value = serde_json::from_str(error["fields"]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["messageType"], "agent.pong", "{body}");
+
+    // A server restart: the agent reconnects by itself (a new accepted connection record).
+    let server = server.restart().await;
+    let second = eventually("the agent's reconnection", || {
+        open_connection(&cli, "device-1", Some(&first_id))
+    })
+    .await;
+    assert_eq!(
+        cli.json(&["connection", "show", &first_id]).await["closeCode"],
+        1001
+    );
+
+    // SIGTERM: `client.state stopped.SIGTERM`, close 1000, exit 0.
+    signal(&agent.child, libc::SIGTERM);
+    let status = wait_exit(&mut agent.child, "the agent").await;
+    assert!(status.success(), "{status}: {}", agent.log());
+    let second_id = second["id"].as_str().unwrap();
+    let closed = eventually("the closed record", || async {
+        let record = cli.json(&["connection", "show", second_id]).await;
+        (record["open"] == false).then_some(record)
+    })
+    .await;
+    assert_eq!(closed["closeCode"], 1000, "{closed}");
+    assert_eq!(
+        client_record(&cli, "device-1").await["state"],
+        "stopped.SIGTERM"
+    );
+    assert!(agent.plain_lines().is_empty(), "{:?}", agent.plain_lines());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_refreshed_token_is_persisted_and_used_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data")).await;
+    let cli = Cli::new(&server.url);
+    let token_file = provisioned(&cli, dir.path(), "device-2").await;
+    let provisioned_token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let state = dir.path().join("state");
+    let saved = state.join(morrigan_client::IDENTITY_TOKEN_FILE);
+
+    let mut agent = Agent::spawn(
+        &[&server.url],
+        &token_file,
+        &state,
+        &dir.path().join("a1.log"),
+    );
+    let first = eventually("the agent's connection", || {
+        open_connection(&cli, "device-2", None)
+    })
+    .await;
+    // The agent asks for a new identity token on connect and saves it in its state directory.
+    let refreshed = eventually("a refreshed token in the state directory", || {
+        let token = std::fs::read_to_string(&saved).unwrap_or_default();
+        let token = token.trim().to_string();
+        let fresh = !token.is_empty() && token != provisioned_token;
+        async move { fresh.then_some(token) }
+    })
+    .await;
+    // It is the server's newest token for this client, not something the agent made up.
+    let jti = peek_claims(&refreshed).unwrap().jti.unwrap();
+    assert_eq!(
+        client_record(&cli, "device-2").await["tokenId"],
+        jti.as_str()
+    );
+    signal(&agent.child, libc::SIGTERM);
+    assert!(wait_exit(&mut agent.child, "the agent").await.success());
+
+    // The proof that a restart uses the saved token: the token file now holds garbage, so the
+    // only identity token the restarted agent can present is the one in its state directory.
+    // (Presenting the provisioned token would prove nothing: the server honours a refreshed-away
+    // token for a grace period.)
+    std::fs::write(&token_file, "garbage, not a token\n").unwrap();
+    let mut agent = Agent::spawn(
+        &[&server.url],
+        &token_file,
+        &state,
+        &dir.path().join("a2.log"),
+    );
+    let first_id = first["id"].as_str().unwrap();
+    eventually("the restarted agent's connection", || {
+        open_connection(&cli, "device-2", Some(first_id))
+    })
+    .await;
+    signal(&agent.child, libc::SIGINT);
+    assert!(wait_exit(&mut agent.child, "the agent").await.success());
+
+    // Without a state directory the same garbage is refused at once, with one clear line.
+    let mut agent = Agent::spawn(
+        &[&server.url],
+        &token_file,
+        &dir.path().join("empty-state"),
+        &dir.path().join("a3.log"),
+    );
+    let status = wait_exit(&mut agent.child, "the agent").await;
+    assert_eq!(status.code(), Some(1), "{}", agent.log());
+    let lines = agent.plain_lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains("not a JWT"),
+        "{lines:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_deprovisioned_or_revoked_agent_stops_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data")).await;
+    let cli = Cli::new(&server.url);
+    let token_file = provisioned(&cli, dir.path(), "device-3").await;
+
+    let mut agent = Agent::spawn(
+        &[&server.url],
+        &token_file,
+        &dir.path().join("state"),
+        &dir.path().join("agent.log"),
+    );
+    let record = eventually("the agent's connection", || {
+        open_connection(&cli, "device-3", None)
+    })
+    .await;
+    cli.ok(&["client", "rm", "device-3"]).await;
+    // Exit code 3 (do not restart), one error line, and no retry: the process is gone.
+    let status = wait_exit(&mut agent.child, "the agent").await;
+    assert_eq!(status.code(), Some(3), "{}", agent.log());
+    let lines = agent.plain_lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains("deprovisioned"),
+        "{lines:?}"
+    );
+    assert!(lines[0].contains("not retrying"), "{lines:?}");
+    let closed = cli
+        .json(&["connection", "show", record["id"].as_str().unwrap()])
+        .await;
+    assert_eq!(closed["closeCode"], 4003, "{closed}");
+
+    // A token revoked by a newer provisioning is refused at the token exchange: same ending.
+    let old = provisioned(&cli, dir.path(), "device-4").await;
+    let old_copy = dir.path().join("old.token");
+    std::fs::copy(&old, &old_copy).unwrap();
+    provisioned(&cli, dir.path(), "device-4").await;
+    let mut agent = Agent::spawn(
+        &[&server.url],
+        &old_copy,
+        &dir.path().join("state-4"),
+        &dir.path().join("agent-4.log"),
+    );
+    let status = wait_exit(&mut agent.child, "the agent").await;
+    assert_eq!(status.code(), Some(3), "{}", agent.log());
+    let lines = agent.plain_lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("error: identity token refused"),
+        "{lines:?}"
+    );
+    server.stop().await;
+}
