@@ -112,7 +112,7 @@ async fn run_inner(state: AppState, record: ConnectionRecord, mut socket: WebSoc
     );
     tracing::info!(address = ?record.client_address, "connected");
 
-    supersede(&state, &record).await;
+    let superseded = supersede(&state, &record).await;
 
     let accepted = ConnectionState {
         kind: types::CONNECTION_STATE.into(),
@@ -124,8 +124,8 @@ async fn run_inner(state: AppState, record: ConnectionRecord, mut socket: WebSoc
         Ok(text) => socket.send(Message::Text(text.into())).await.is_ok(),
         Err(_) => false,
     };
-    let end = match sent {
-        true => {
+    let end = match (sent, superseded) {
+        (true, None) => {
             for hook in &state.hooks {
                 hook.connect(&record).await;
             }
@@ -136,7 +136,12 @@ async fn run_inner(state: AppState, record: ConnectionRecord, mut socket: WebSoc
             };
             serve(&state, &ctx, &mut socket, &mut rx, &liveness).await
         }
-        false => End::new(1006, "could not send the accept frame"),
+        // A newer connection of this client was accepted while this one started.
+        (true, Some(reason)) => {
+            close_socket(&mut socket, close::SUPERSEDED, &reason).await;
+            End::new(close::SUPERSEDED, reason)
+        }
+        (false, _) => End::new(1006, "could not send the accept frame"),
     };
 
     state.hub.remove(&id, &tx);
@@ -169,9 +174,19 @@ async fn run_inner(state: AppState, record: ConnectionRecord, mut socket: WebSoc
     }
 }
 
-/// One live connection per client: close every other open connection of this client that is
-/// older than this one (ties broken by id, so two racing accepts keep exactly one).
-async fn supersede(state: &AppState, record: &ConnectionRecord) {
+/// One live connection per client: the newest by (accept time, id). Every session runs this
+/// right after entering the hub, so that whatever the interleaving of racing accepts exactly one
+/// survives (the first version closed anything not newer, pending records included, from a
+/// snapshot: two racing accepts could both close each other, or close the record of a session
+/// that had not entered the hub yet and leave its socket live with a closed record):
+/// * an older connection is closed, through whichever node holds it;
+/// * a newer connection means this one is superseded: the returned reason, with which the
+///   session closes itself right after its accept frame;
+/// * a pending record (token issued, unused) is not a live connection and is left alone: if its
+///   token is used later, that connection supersedes this one then;
+/// * an older connection of this node that is not in the hub yet is left alone too: its
+///   session is starting, will find this newer one and close itself.
+async fn supersede(state: &AppState, record: &ConnectionRecord) -> Option<String> {
     let others = match state
         .store
         .open_connections_of_client(&record.client_id, &record.id)
@@ -180,7 +195,7 @@ async fn supersede(state: &AppState, record: &ConnectionRecord) {
         Ok(o) => o,
         Err(e) => {
             tracing::warn!(error = %e, "could not look up older connections");
-            return;
+            return None;
         }
     };
     let mine = (
@@ -188,14 +203,24 @@ async fn supersede(state: &AppState, record: &ConnectionRecord) {
         record.id.as_str(),
     );
     let reason = format!("superseded by connection {}", record.id);
+    let mut newer = None;
     for other in others {
-        let theirs = (other.connected.as_deref().unwrap_or(""), other.id.as_str());
-        if other.connected.is_some() && theirs > mine {
+        let Some(connected) = other.connected.as_deref() else {
+            continue;
+        };
+        if (connected, other.id.as_str()) > mine {
+            tracing::info!(newer = %other.id, "superseded by a newer connection");
+            newer = Some(format!("superseded by connection {}", other.id));
+            continue;
+        }
+        if other.server_id.as_deref() == Some(&*state.node_id) && state.hub.get(&other.id).is_none()
+        {
             continue;
         }
         crate::cluster::close_anywhere(state, &other, close::SUPERSEDED, &reason).await;
         tracing::info!(older = %other.id, "superseded an older connection");
     }
+    newer
 }
 
 async fn serve(
