@@ -28,6 +28,7 @@ pub struct AgentArgs {
     /// an attempt fails or a connection is lost.
     #[arg(
         long = "url",
+        value_name = "URL",
         env = "MORRIGAN_URL",
         value_delimiter = ',',
         required = true
