@@ -357,6 +357,22 @@ async fn me_cannot_change_functions_and_a_password_change_revokes_other_sessions
     assert_eq!(status, 403);
     node.login("ops", "new-password-1").await;
 
+    // An administrator changing someone's password revokes all of that identity's sessions.
+    let (status, body) = node
+        .patch(
+            &format!(
+                "/api/auth/identity/{}",
+                me["identity"]["id"].as_str().unwrap()
+            ),
+            &node.admin,
+            &json!({"auth": {"password": "new-password-2"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = node.get("/api/auth/identity/me", &session_a).await;
+    assert_error(status, &body, 401, "session after an admin password change");
+    let session_a = node.login("ops", "new-password-2").await;
+
     // Renaming oneself works; taking a used name does not.
     let (status, body) = node
         .patch(

@@ -162,6 +162,21 @@ async fn refusals_come_before_the_upgrade_with_a_json_reason() {
     let (status, body) = common::refused(node.ws_request(req, None).await);
     assert_eq!(status, 401, "{body}");
 
+    // A browser sends its page origin in `Origin` and the token as a sub-protocol: accepted.
+    let browser_token = node.token(&identity).await;
+    let mut req = node.ws_url().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("origin", "http://localhost:3000".parse().unwrap());
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("morrigan, morrigan.token.{browser_token}")
+            .parse()
+            .unwrap(),
+    );
+    let (mut browser, res) = node.ws_request(req, None).await.expect("browser handshake");
+    assert_eq!(res.headers()["sec-websocket-protocol"], "morrigan");
+    assert_eq!(common::next_json(&mut browser).await["state"], "accepted");
+
     // A plain GET (no upgrade) is 426 and does not consume a token.
     let fresh = node.token(&identity).await;
     let res = node
