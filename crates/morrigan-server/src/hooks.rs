@@ -3,7 +3,8 @@
 //! `authenticate` runs before the token is consumed and before the upgrade, so a refusal is an
 //! HTTP 403 with the hook's reason (the original ran it after the record was written: F10).
 //! `connect` runs after `connection.state accepted` was sent; `disconnect` after the record
-//! was closed. Hooks run on the connection's task: keep them short or spawn.
+//! was closed; `heartbeat_missed` on a connection's first missed heartbeat; `client_state` after
+//! a `client.state` was stored. Hooks run on the connection's task: keep them short or spawn.
 
 use async_trait::async_trait;
 use morrigan_protocol::records::ConnectionRecord;
@@ -25,4 +26,8 @@ pub trait Hooks: Send + Sync + 'static {
     }
     async fn connect(&self, _record: &ConnectionRecord) {}
     async fn disconnect(&self, _event: &Disconnect) {}
+    /// The connection missed a heartbeat (the first miss; a second closes it with 4002).
+    async fn heartbeat_missed(&self, _connection_id: &str, _client_id: &str) {}
+    /// The connected client reported its state (`client.state`), already stored.
+    async fn client_state(&self, _connection_id: &str, _client_id: &str, _state: &str) {}
 }

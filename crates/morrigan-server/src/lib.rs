@@ -12,16 +12,20 @@
 //! * [`tokens`]: EdDSA JWTs, keys in the store, verification by `kid`.
 //! * [`auth`]: operators: argon2id passwords, user tokens, functions.
 //! * [`store`]: the persistence trait and one file per backend.
+//! * [`metrics`], [`events`]: Prometheus metrics and the connection event stream.
 
 pub mod auth;
 pub mod bus;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod events;
 mod fsutil;
 pub mod heartbeat;
 pub mod hooks;
 pub mod hub;
+pub mod metered_store;
+pub mod metrics;
 pub mod providers;
 pub mod routes;
 pub mod server;

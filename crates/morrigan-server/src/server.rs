@@ -110,6 +110,11 @@ impl ServerBuilder {
         create_data_dir(&config.data_dir)?;
         let node_id = load_node_id(&config.data_dir)?;
         let (store, pg_pool) = open_store(&config).await?;
+        let metrics = crate::metrics::Metrics::new(&node_id);
+        let store: Arc<dyn Store> = Arc::new(crate::metered_store::MeteredStore {
+            inner: store,
+            metrics: metrics.clone(),
+        });
         let tls = match &config.tls {
             Some(files) => Some(crate::tls::acceptor(&files.cert, &files.key)?),
             None => None,
@@ -127,7 +132,9 @@ impl ServerBuilder {
             addr: config.listen,
             source,
         })?;
-        let tokens = Tokens::load_or_create(&config.data_dir, &node_id, store.clone()).await?;
+        let tokens = Tokens::load_or_create(&config.data_dir, &node_id, store.clone())
+            .await?
+            .with_metrics(metrics.clone());
         bootstrap_admin(&config, store.as_ref()).await?;
 
         // Records this node left open are from a crash: their sockets are gone.
@@ -192,6 +199,17 @@ impl ServerBuilder {
             }
         };
         tracing::info!(bus = bus.name(), "cluster bus ready");
+        let bus: Arc<dyn Bus> = Arc::new(crate::metrics::MeteredBus {
+            inner: bus,
+            metrics: metrics.clone(),
+        });
+        // The built-in observer (metrics, event stream) runs before the embedder's hooks.
+        let mut hooks: Vec<Arc<dyn Hooks>> = vec![crate::events::Observer::start(
+            &node_id,
+            metrics.clone(),
+            bus.clone(),
+        )];
+        hooks.extend(self.hooks);
         let (heartbeats, heartbeat_rx) = crate::heartbeat::queue();
         let state = AppState(Arc::new(Inner {
             config,
@@ -202,8 +220,9 @@ impl ServerBuilder {
             hub,
             bus,
             providers: self.providers,
-            hooks: self.hooks,
+            hooks,
             heartbeats,
+            metrics,
             sessions: TaskTracker::new(),
             shutdown: CancellationToken::new(),
         }));
@@ -271,6 +290,10 @@ impl Server {
             background.clone(),
         ));
         let maintenance = tokio::spawn(maintain(state.clone(), background.clone()));
+        tokio::spawn(crate::metrics::run_upkeep(
+            state.metrics.clone(),
+            background.clone(),
+        ));
 
         let service = NormalizePath::trim_trailing_slash(router);
         let graceful = GracefulShutdown::new();

@@ -262,6 +262,9 @@ async fn serve(
                 if silent > period_ms + period_ms / 4 && liveness.alive.swap(false, Ordering::AcqRel) {
                     tracing::info!(silent_ms = silent, "heartbeat missed");
                     state.heartbeats.mark(&ctx.connection_id, liveness);
+                    for hook in &state.hooks {
+                        hook.heartbeat_missed(&ctx.connection_id, &ctx.client_id).await;
+                    }
                 }
                 if socket.send(Message::Ping(Default::default())).await.is_err() {
                     return End::new(1006, "write failed");
@@ -402,6 +405,7 @@ async fn handle_text(ctx: &MessageContext, text: &str) -> Option<String> {
             Some(&ty),
         ));
     };
+    ctx.state.metrics.message_in(parsed.provider());
     match provider.handle(ctx, parsed.message(), value).await {
         Ok(None) => None,
         Ok(Some(reply)) => serde_json::to_string(&reply).ok(),

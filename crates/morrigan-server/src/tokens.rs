@@ -17,7 +17,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use morrigan_protocol::api::Claims;
+use morrigan_protocol::api::{Claims, audience};
 use std::collections::HashMap;
 
 use crate::store::{SigningKeyRow, Store, StoreError};
@@ -64,6 +64,8 @@ pub struct Tokens {
     /// Verification keys by kid, filled from the store on a miss. Read-mostly.
     keys: RwLock<HashMap<String, Arc<DecodingKey>>>,
     store: Arc<dyn Store>,
+    /// Counts issues and refusals (`morrigan_tokens_issued_total`, `..._token_refusals_total`).
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// A freshly issued token.
@@ -71,6 +73,16 @@ pub struct Tokens {
 pub struct Issued {
     pub token: String,
     pub claims: Claims,
+}
+
+/// The `kind` label of an audience.
+fn kind_label(aud: &str) -> &'static str {
+    match aud {
+        audience::USER => "user",
+        audience::IDENTITY => "identity",
+        audience::CONNECTION => "connection",
+        _ => "other",
+    }
 }
 
 fn kid_for(public_key: &[u8; 32]) -> String {
@@ -144,7 +156,21 @@ impl Tokens {
             public_key,
             keys: RwLock::new(keys),
             store,
+            metrics: None,
         })
+    }
+
+    /// Counts issued and refused tokens in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Counts a refusal decided after verification (revoked, replayed, ...).
+    pub fn refused(&self, aud: &str, reason: &'static str) {
+        if let Some(m) = &self.metrics {
+            m.token_refused(kind_label(aud), reason);
+        }
     }
 
     /// This node's key id.
@@ -179,6 +205,9 @@ impl Tokens {
         header.kid = Some(self.kid.clone());
         let token = jsonwebtoken::encode(&header, &claims, &self.encoding)
             .map_err(|_| TokenError::Malformed)?;
+        if let Some(m) = &self.metrics {
+            m.token_issued(kind_label(aud));
+        }
         Ok(Issued { token, claims })
     }
 
@@ -206,6 +235,14 @@ impl Tokens {
 
     /// Verifies signature, audience and expiry (with [`LEEWAY_SECS`]).
     pub async fn verify(&self, token: &str, aud: &str) -> Result<Claims, TokenError> {
+        let result = self.verify_inner(token, aud).await;
+        if let (Err(e), Some(m)) = (&result, &self.metrics) {
+            m.token_refused(kind_label(aud), crate::metrics::token_error_reason(e));
+        }
+        result
+    }
+
+    async fn verify_inner(&self, token: &str, aud: &str) -> Result<Claims, TokenError> {
         if token.len() > 4096 {
             return Err(TokenError::Malformed);
         }

@@ -6,14 +6,25 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dashmap::DashMap;
+use tokio::sync::broadcast;
 
 use super::{Bus, BusCommand, BusError, BusReply, apply};
 use crate::hub::Hub;
 
 /// A registry of in-process nodes' hubs. Share one `Arc<LocalBus>` between nodes of a cluster.
-#[derive(Default)]
 pub struct LocalBus {
     hubs: DashMap<String, Weak<Hub>>,
+    /// Events of every in-process node.
+    events: broadcast::Sender<Arc<str>>,
+}
+
+impl Default for LocalBus {
+    fn default() -> Self {
+        Self {
+            hubs: DashMap::new(),
+            events: broadcast::channel(super::EVENT_BUFFER).0,
+        }
+    }
 }
 
 impl LocalBus {
@@ -47,6 +58,16 @@ impl Bus for LocalBus {
         tokio::time::timeout(timeout, apply(&hub, command))
             .await
             .map_err(|_| BusError::Timeout(node_id.to_string()))
+    }
+
+    async fn publish_event(&self, event: &str) -> Result<(), BusError> {
+        // No subscriber is not an error.
+        let _ = self.events.send(Arc::from(event));
+        Ok(())
+    }
+
+    fn subscribe_events(&self) -> broadcast::Receiver<Arc<str>> {
+        self.events.subscribe()
     }
 
     fn name(&self) -> &'static str {

@@ -75,9 +75,19 @@ pub trait Bus: Send + Sync + 'static {
         timeout: Duration,
     ) -> Result<BusReply, BusError>;
 
+    /// Publishes a cluster event (a JSON object) to the event subscribers of every node, this
+    /// one included. At most once: a subscriber that lags or a lost notification misses it.
+    async fn publish_event(&self, event: &str) -> Result<(), BusError>;
+
+    /// The events every node publishes (see [`Bus::publish_event`]).
+    fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<Arc<str>>;
+
     /// The backend's name, for logs and `/healthz`.
     fn name(&self) -> &'static str;
 }
+
+/// Events buffered per subscriber before it lags.
+pub const EVENT_BUFFER: usize = 1024;
 
 /// How long the owning node waits for a connection to take a frame.
 pub const APPLY_TIMEOUT: Duration = Duration::from_secs(8);

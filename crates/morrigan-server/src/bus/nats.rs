@@ -7,11 +7,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{Bus, BusCommand, BusError, BusReply, Envelope, apply, envelope, unstash};
 use crate::hub::Hub;
 use crate::store::Store;
+
+/// The subject every node subscribes to for cluster events.
+pub const EVENTS_SUBJECT: &str = "morrigan.events";
 
 fn subject(node_id: &str) -> String {
     format!("morrigan.node.{node_id}")
@@ -25,6 +29,7 @@ pub struct NatsBus {
     client: async_nats::Client,
     store: Arc<dyn Store>,
     node_id: String,
+    events: broadcast::Sender<Arc<str>>,
 }
 
 impl NatsBus {
@@ -45,10 +50,27 @@ impl NatsBus {
             .subscribe(subject(node_id))
             .await
             .map_err(transport)?;
+        let mut event_sub = client.subscribe(EVENTS_SUBJECT).await.map_err(transport)?;
         let bus = Arc::new(Self {
             client,
             store,
             node_id: node_id.to_string(),
+            events: broadcast::channel(super::EVENT_BUFFER).0,
+        });
+        let events = bus.events.clone();
+        let stop_events = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = stop_events.cancelled() => break,
+                    m = event_sub.next() => m,
+                };
+                let Some(msg) = msg else { break };
+                if let Ok(text) = std::str::from_utf8(&msg.payload) {
+                    let _ = events.send(Arc::from(text));
+                }
+            }
+            let _ = event_sub.unsubscribe().await;
         });
         let me = bus.clone();
         tokio::spawn(async move {
@@ -109,6 +131,17 @@ impl Bus for NatsBus {
                 _ => Err(transport(e)),
             },
         }
+    }
+
+    async fn publish_event(&self, event: &str) -> Result<(), BusError> {
+        self.client
+            .publish(EVENTS_SUBJECT, event.to_string().into_bytes().into())
+            .await
+            .map_err(transport)
+    }
+
+    fn subscribe_events(&self) -> broadcast::Receiver<Arc<str>> {
+        self.events.subscribe()
     }
 
     fn name(&self) -> &'static str {

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{Bus, BusCommand, BusError, BusReply, Envelope, apply, envelope, unstash};
@@ -23,6 +23,9 @@ use crate::store::Store;
 
 /// Payloads above this many bytes travel through the store.
 pub const NOTIFY_LIMIT: usize = 7000;
+
+/// The channel every node LISTENs on for cluster events.
+pub const EVENTS_CHANNEL: &str = "morrigan_events";
 
 fn channel(node_id: &str) -> String {
     format!("morrigan_node_{}", node_id.replace('-', ""))
@@ -37,6 +40,7 @@ pub struct PgBus {
     store: Arc<dyn Store>,
     node_id: String,
     pending: DashMap<String, oneshot::Sender<BusReply>>,
+    events: broadcast::Sender<Arc<str>>,
 }
 
 impl PgBus {
@@ -50,7 +54,7 @@ impl PgBus {
     ) -> Result<Arc<Self>, BusError> {
         let mut listener = PgListener::connect_with(&pool).await.map_err(transport)?;
         listener
-            .listen(&channel(node_id))
+            .listen_all([channel(node_id).as_str(), EVENTS_CHANNEL])
             .await
             .map_err(transport)?;
         let bus = Arc::new(Self {
@@ -58,6 +62,7 @@ impl PgBus {
             store,
             node_id: node_id.to_string(),
             pending: DashMap::new(),
+            events: broadcast::channel(super::EVENT_BUFFER).0,
         });
         let me = bus.clone();
         tokio::spawn(async move {
@@ -67,6 +72,9 @@ impl PgBus {
                     n = listener.recv() => n,
                 };
                 match received {
+                    Ok(n) if n.channel() == EVENTS_CHANNEL => {
+                        let _ = me.events.send(Arc::from(n.payload()));
+                    }
                     Ok(n) => me.on_payload(n.payload(), &hub),
                     Err(e) => {
                         // PgListener reconnects on the next recv; notifications sent meanwhile
@@ -146,6 +154,17 @@ impl Bus for PgBus {
                 Err(BusError::Timeout(node_id.to_string()))
             }
         }
+    }
+
+    async fn publish_event(&self, event: &str) -> Result<(), BusError> {
+        if event.len() > NOTIFY_LIMIT {
+            return Err(BusError::Transport("event too large for NOTIFY".into()));
+        }
+        self.notify(EVENTS_CHANNEL, event).await
+    }
+
+    fn subscribe_events(&self) -> broadcast::Receiver<Arc<str>> {
+        self.events.subscribe()
     }
 
     fn name(&self) -> &'static str {

@@ -65,6 +65,10 @@ impl Provider for ClientProvider {
                         "client is no longer provisioned".into(),
                     ));
                 }
+                for hook in &ctx.state.hooks {
+                    hook.client_state(&ctx.connection_id, &ctx.client_id, state)
+                        .await;
+                }
                 Ok(None)
             }
             "token.refresh" => {

@@ -67,8 +67,10 @@ async fn request_token(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> ApiResult<Json<TokenResponse>> {
-    let token =
-        identity_token(&headers).ok_or_else(|| ApiError::bad_request("No token provided."))?;
+    let token = identity_token(&headers).ok_or_else(|| {
+        s.tokens.refused(audience::IDENTITY, "missing");
+        ApiError::bad_request("No token provided.")
+    })?;
     let refused =
         |reason: String| ApiError::new(StatusCode::FORBIDDEN, "authenticationfailed", reason);
     let claims = match s.tokens.verify(token, audience::IDENTITY).await {
@@ -82,9 +84,11 @@ async fn request_token(
     let now = time::OffsetDateTime::now_utc();
     let now_s = time_format::format(now);
     if s.store.live_token(&claims.jti, &now_s).await?.is_none() {
+        s.tokens.refused(audience::IDENTITY, "revoked");
         return Err(refused("Identity token has been revoked.".into()));
     }
     if s.store.client(&claims.sub).await?.is_none() {
+        s.tokens.refused(audience::IDENTITY, "deprovisioned");
         return Err(refused("Client is no longer provisioned.".into()));
     }
     let id = uuid::Uuid::new_v4().to_string();
@@ -123,6 +127,7 @@ async fn request_token(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase")]
 pub struct ListQuery {
     /// Only this client's connections.
@@ -210,28 +215,38 @@ async fn send(
         .ok_or_else(|| ApiError::bad_request("The message type must be a string."))?;
     MessageType::parse(ty)
         .map_err(|e| ApiError::bad_request(format!("Invalid message type: {e}.")))?;
-    match s.hub.send(&id, text.to_string(), SEND_TIMEOUT).await {
-        Ok(()) => Ok(Json(StatusResponse {
-            status: "success".into(),
-        })),
+    let started = std::time::Instant::now();
+    let result = match s.hub.send(&id, text.to_string(), SEND_TIMEOUT).await {
+        Ok(()) => Ok(()),
         Err(SendError::NotHere) => {
             let command = BusCommand::Send {
                 connection_id: id.clone(),
                 text: text.to_string(),
             };
-            cluster::route(&s, &id, command).await?;
-            Ok(Json(StatusResponse {
-                status: "success".into(),
-            }))
+            cluster::route(&s, &id, command).await
         }
         Err(SendError::Closed) => Err(ApiError::conflict("Connection closed.")),
         Err(SendError::Timeout) => Err(ApiError::timeout(
             "The connection did not take the message in time.",
         )),
-    }
+    };
+    let outcome = match &result {
+        Ok(()) => "ok",
+        Err(e) if e.status == StatusCode::CONFLICT => "closed",
+        Err(e) if e.status == StatusCode::NOT_FOUND => "not_found",
+        Err(e) if e.status == StatusCode::GATEWAY_TIMEOUT => "timeout",
+        Err(_) => "error",
+    };
+    s.metrics.send_duration(started, outcome);
+    result?;
+    s.metrics.message_out(ty);
+    Ok(Json(StatusResponse {
+        status: "success".into(),
+    }))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CloseQuery {
     /// Close reason sent to the device (at most 120 bytes).
     reason: Option<String>,
@@ -381,6 +396,7 @@ async fn connect(
         return ApiError::unavailable("The node is shutting down.").into_response();
     }
     let Some((token, protocol)) = connection_token(&headers) else {
+        s.tokens.refused(audience::CONNECTION, "missing");
         return refuse(
             StatusCode::UNAUTHORIZED,
             "No connection token: send it in 'Origin', 'Authorization: Bearer', or as the \
@@ -405,6 +421,7 @@ async fn connect(
     };
     if record.token_id != claims.jti || !record.open || record.connected.is_some() {
         tracing::info!(%peer, connection = %record.id, "connection token replayed or closed");
+        s.tokens.refused(audience::CONNECTION, "replayed");
         return refuse(
             StatusCode::FORBIDDEN,
             "Connection token already used or its connection is closed.",
@@ -412,6 +429,7 @@ async fn connect(
     }
     for hook in &s.hooks {
         if let Err(reason) = hook.authenticate(&record).await {
+            s.tokens.refused(audience::CONNECTION, "hook");
             return refuse(StatusCode::FORBIDDEN, format!("Refused: {reason}"));
         }
     }
@@ -429,6 +447,7 @@ async fn connect(
     {
         Err(e) => return ApiError::from(e).into_response(),
         Ok(None) => {
+            s.tokens.refused(audience::CONNECTION, "replayed");
             return refuse(
                 StatusCode::FORBIDDEN,
                 "Connection token already used or its connection is closed.",

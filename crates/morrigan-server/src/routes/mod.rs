@@ -5,13 +5,19 @@ pub mod auth;
 pub mod capability;
 pub mod client;
 pub mod connection;
+pub mod events;
 pub mod node;
 pub mod system;
+pub mod ui;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request};
 use serde::de::DeserializeOwned;
+use tower_http::request_id::{
+    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
@@ -99,28 +105,40 @@ impl Modify for SecuritySchemes {
     }
 }
 
+/// Every request's span: its id (`x-request-id`, generated unless the caller sent one, and
+/// echoed in the response), method and path. Never the query or headers: no token is logged.
+fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let id = req
+        .extensions()
+        .get::<RequestId>()
+        .and_then(|r| r.header_value().to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!("request", id, method = %req.method(), path = req.uri().path())
+}
+
 /// Builds the router and the OpenAPI document generated from its route annotations.
 pub fn build(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
     let body_limit = state.config.max_message_size + 16 * 1024;
     let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(auth::routes())
         .merge(connection::routes())
+        .merge(events::routes())
         .merge(client::routes())
         .merge(capability::routes())
         .merge(node::routes())
         .merge(system::routes())
         .split_for_parts();
-    let docs = openapi.clone();
+    let openapi = ui::complete(openapi);
     let router = router
-        .route(
-            morrigan_protocol::paths::API_DOCS,
-            axum::routing::get(move || {
-                let docs = docs.clone();
-                async move { axum::Json(docs) }
-            }),
-        )
+        .merge(ui::router(openapi.clone()))
         .fallback(|| async { ApiError::not_found("No such route.") })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(TraceLayer::new_for_http().make_span_with(request_span))
+                .layer(PropagateRequestIdLayer::x_request_id()),
+        )
         .with_state(state);
     (router, openapi)
 }

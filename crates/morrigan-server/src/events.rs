@@ -1,0 +1,172 @@
+//! Connection events for operators: the [`Observer`] hook turns connection callbacks into
+//! metrics and [`ConnectionEvent`]s, which it publishes on the cluster bus so that the event
+//! stream (`GET /api/core/connection/events`) of every node sees the events of every node.
+//!
+//! Publication is off the connection's task: events go on a bounded queue that one task per
+//! node drains into the bus in order. When the bus cannot keep up the queue drops events
+//! (counted in the log) rather than slowing connections down.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use morrigan_protocol::close;
+use morrigan_protocol::records::ConnectionRecord;
+use morrigan_protocol::time_format;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::bus::Bus;
+use crate::hooks::{Disconnect, Hooks};
+use crate::metrics::Metrics;
+
+/// Event kinds (the SSE `event:` field and the JSON `type`).
+pub mod kinds {
+    pub const CONNECTED: &str = "connected";
+    pub const DISCONNECTED: &str = "disconnected";
+    pub const SUPERSEDED: &str = "superseded";
+    pub const HEARTBEAT_MISSED: &str = "heartbeat-missed";
+    pub const CLIENT_STATE: &str = "client-state";
+    /// Stream control: the subscription is active (first event of every stream).
+    pub const READY: &str = "ready";
+    /// Stream control: this subscriber fell behind and `missed` events were dropped.
+    pub const LAGGED: &str = "lagged";
+}
+
+/// Events queued per node before publication drops them.
+pub const PUBLISH_QUEUE: usize = 4096;
+
+/// One event about a connection, as the event stream delivers it (the SSE `data:`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionEvent {
+    /// `connected`, `disconnected`, `superseded`, `heartbeat-missed` or `client-state`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub connection_id: String,
+    pub client_id: String,
+    /// The node holding (or that held) the socket.
+    pub node: String,
+    /// When it happened (ISO 8601 UTC).
+    pub at: String,
+    /// `connected`: the client's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// `disconnected`, `superseded`: the close code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<u16>,
+    /// `disconnected`, `superseded`: the close reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// `disconnected`: the close code's short name (`normal`, `superseded`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason_name: Option<String>,
+    /// `client-state`: the reported state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+}
+
+impl ConnectionEvent {
+    fn new(kind: &str, connection_id: &str, client_id: &str, node: &str) -> Self {
+        Self {
+            kind: kind.to_string(),
+            connection_id: connection_id.to_string(),
+            client_id: client_id.to_string(),
+            node: node.to_string(),
+            at: time_format::now(),
+            address: None,
+            code: None,
+            reason: None,
+            reason_name: None,
+            state: None,
+        }
+    }
+}
+
+/// The built-in hook: metrics and events for every connection of the node.
+pub struct Observer {
+    node_id: String,
+    metrics: Arc<Metrics>,
+    queue: mpsc::Sender<String>,
+}
+
+impl Observer {
+    /// Starts the publishing task (on the current runtime); it ends when the observer is dropped.
+    pub fn start(node_id: &str, metrics: Arc<Metrics>, bus: Arc<dyn Bus>) -> Arc<Self> {
+        let (queue, mut rx) = mpsc::channel::<String>(PUBLISH_QUEUE);
+        tokio::spawn(async move {
+            while let Some(event) = rx.recv().await {
+                if let Err(e) = bus.publish_event(&event).await {
+                    tracing::debug!(error = %e, "could not publish a connection event");
+                }
+            }
+        });
+        Arc::new(Self {
+            node_id: node_id.to_string(),
+            metrics,
+            queue,
+        })
+    }
+
+    fn publish(&self, event: &ConnectionEvent) {
+        let Ok(text) = serde_json::to_string(event) else {
+            return;
+        };
+        if self.queue.try_send(text).is_err() {
+            tracing::debug!(kind = %event.kind, "event queue full; event dropped");
+        }
+    }
+}
+
+#[async_trait]
+impl Hooks for Observer {
+    async fn connect(&self, record: &ConnectionRecord) {
+        self.metrics.connected();
+        let mut e = ConnectionEvent::new(
+            kinds::CONNECTED,
+            &record.id,
+            &record.client_id,
+            &self.node_id,
+        );
+        e.address = record.client_address.clone();
+        if let Some(at) = &record.connected {
+            e.at = at.clone();
+        }
+        self.publish(&e);
+    }
+
+    async fn disconnect(&self, d: &Disconnect) {
+        self.metrics.disconnected(d.code);
+        let mut e = ConnectionEvent::new(
+            kinds::DISCONNECTED,
+            &d.connection_id,
+            &d.client_id,
+            &self.node_id,
+        );
+        e.code = Some(d.code);
+        e.reason = Some(d.reason.clone());
+        e.reason_name = Some(close::reason_name(d.code).to_string());
+        if d.code == close::SUPERSEDED {
+            let mut s = e.clone();
+            s.kind = kinds::SUPERSEDED.to_string();
+            self.publish(&s);
+        }
+        self.publish(&e);
+    }
+
+    async fn heartbeat_missed(&self, connection_id: &str, client_id: &str) {
+        self.metrics.heartbeat_missed();
+        self.publish(&ConnectionEvent::new(
+            kinds::HEARTBEAT_MISSED,
+            connection_id,
+            client_id,
+            &self.node_id,
+        ));
+    }
+
+    async fn client_state(&self, connection_id: &str, client_id: &str, state: &str) {
+        let mut e =
+            ConnectionEvent::new(kinds::CLIENT_STATE, connection_id, client_id, &self.node_id);
+        e.state = Some(state.to_string());
+        self.publish(&e);
+    }
+}

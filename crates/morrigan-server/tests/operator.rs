@@ -1,0 +1,719 @@
+//! Operator experience: the Prometheus metrics, the connection event stream and the OpenAPI
+//! document (valid, and complete: every served route is documented or declared non-API).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::{Node, WAIT};
+use futures_util::StreamExt;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+// ----- event stream -----
+
+/// A Server-Sent Events subscription read with a streaming body.
+struct Events {
+    res: reqwest::Response,
+    buf: String,
+    /// Events read but not yet asked for.
+    seen: Vec<(String, Value)>,
+}
+
+impl Events {
+    async fn open(node: &Node, token: &str) -> Events {
+        // No total timeout: the stream lives as long as the test reads it.
+        let http = reqwest::Client::new();
+        let res = http
+            .get(node.url("/api/core/connection/events"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("events request");
+        assert_eq!(res.status().as_u16(), 200);
+        assert!(
+            res.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        let mut events = Events {
+            res,
+            buf: String::new(),
+            seen: Vec::new(),
+        };
+        let (kind, data) = events.next().await;
+        assert_eq!(kind, "ready", "{data}");
+        events
+    }
+
+    /// The next event (`event:` and parsed `data:`), skipping keep-alive comments.
+    async fn next(&mut self) -> (String, Value) {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut kind = String::from("message");
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        kind = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue;
+                }
+                let value = serde_json::from_str(&data).expect("event data is JSON");
+                return (kind, value);
+            }
+            let chunk = tokio::time::timeout(WAIT, self.res.chunk())
+                .await
+                .expect("an event in time")
+                .expect("stream readable")
+                .expect("stream still open");
+            self.buf
+                .push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
+        }
+    }
+
+    /// The first event of `kind` for `connection_id`, read now or earlier (events of different
+    /// connections may interleave in any order).
+    async fn until(&mut self, kind: &str, connection_id: &str) -> Value {
+        let matches = |(k, v): &(String, Value)| k == kind && v["connectionId"] == connection_id;
+        loop {
+            if let Some(i) = self.seen.iter().position(matches) {
+                let (_, v) = self.seen.remove(i);
+                assert_eq!(v["type"], kind, "{v}");
+                return v;
+            }
+            let ev = self.next().await;
+            self.seen.push(ev);
+        }
+    }
+}
+
+#[tokio::test]
+async fn event_stream_delivers_connection_events() {
+    let node = Node::start().await;
+    let mut events = Events::open(&node, &node.admin).await;
+
+    let mut first = node.device("ev-device").await;
+    let connected = events.until("connected", &first.id).await;
+    assert_eq!(connected["clientId"], "ev-device");
+    assert_eq!(connected["node"], node.node_id());
+    assert_eq!(connected["address"], "127.0.0.1");
+
+    first
+        .send_json(&json!({"type": "client.state", "state": "ready"}))
+        .await;
+    let state = events.until("client-state", &first.id).await;
+    assert_eq!(state["state"], "ready");
+
+    // A second connection of the same client supersedes the first.
+    let second = node
+        .connect_device("ev-device", &first.identity.clone())
+        .await;
+    let superseded = events.until("superseded", &first.id).await;
+    assert_eq!(superseded["code"], 4001);
+    let gone = events.until("disconnected", &first.id).await;
+    assert_eq!(gone["code"], 4001);
+    assert_eq!(gone["reasonName"], "superseded");
+    events.until("connected", &second.id).await;
+
+    let (status, body) = node
+        .delete(
+            &format!("/api/core/connection/{}?reason=maintenance", second.id),
+            &node.admin,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let closed = events.until("disconnected", &second.id).await;
+    assert_eq!(closed["code"], 4000);
+    assert_eq!(closed["reason"], "maintenance");
+    assert_eq!(closed["reasonName"], "closed_by_operator");
+}
+
+#[tokio::test]
+async fn event_stream_reports_missed_heartbeats() {
+    let node = Node::start_with(|c| c.heartbeat_interval = Duration::from_secs(1)).await;
+    let mut events = Events::open(&node, &node.admin).await;
+    // The device answers the first ping half a period late, then never again: the next ping
+    // finds it silent for 1.5 periods (missed), the one after for 2.5 (closed with 4002).
+    let mut device = node.device("silent-device").await;
+    events.until("connected", &device.id).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for _ in 0..2 {
+        // The first read returns the ping; the second flushes the pong.
+        let _ = tokio::time::timeout(Duration::from_millis(100), device.ws.next()).await;
+    }
+    events.until("heartbeat-missed", &device.id).await;
+    let closed = events.until("disconnected", &device.id).await;
+    assert_eq!(closed["code"], 4002);
+    let m = scrape(&node).await;
+    assert_eq!(value(&m, "morrigan_heartbeats_missed_total", &[]), 1.0);
+    drop(device);
+}
+
+#[tokio::test]
+async fn event_stream_needs_a_user_token_with_api() {
+    let node = Node::start().await;
+    let (status, _) = node
+        .call(Method::GET, "/api/core/connection/events", None, None)
+        .await;
+    assert_eq!(status, 401);
+    let (_, limited) = node.identity_with("no-api", &["connection.send"]).await;
+    let (status, _) = node.get("/api/core/connection/events", &limited).await;
+    assert_eq!(status, 403);
+}
+
+#[tokio::test]
+async fn event_stream_is_cluster_wide() {
+    // Two nodes of one in-process cluster (shared database and LocalBus): a subscriber on one
+    // sees the events of the other.
+    let bus = morrigan_server::bus::local::LocalBus::new();
+    let dir = tempfile::TempDir::new().unwrap();
+    let db = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("cluster.db").display()
+    );
+    let (a, a_id) = start_on_bus(&bus, &db, dir.path().join("a")).await;
+    let (b, _) = start_on_bus(&bus, &db, dir.path().join("b")).await;
+    let http = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+    let login = |base: String| {
+        let http = http.clone();
+        async move {
+            let v: Value = http
+                .post(format!("{base}/api/auth"))
+                .json(&json!({"name": "admin", "password": common::ADMIN_PASSWORD}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["token"].as_str().unwrap().to_string()
+        }
+    };
+    let token_a = login(a.clone()).await;
+    let token_b = login(b.clone()).await;
+    let stream = reqwest::Client::new()
+        .get(format!("{b}/api/core/connection/events"))
+        .bearer_auth(&token_b)
+        .send()
+        .await
+        .unwrap();
+    let mut on_b = Events {
+        res: stream,
+        buf: String::new(),
+        seen: Vec::new(),
+    };
+    assert_eq!(on_b.next().await.0, "ready");
+
+    let identity: String = http
+        .post(format!("{a}/api/core/client/provision"))
+        .bearer_auth(&token_a)
+        .json(&json!({"id": "cluster-device"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let conn: Value = http
+        .post(format!("{a}/api/core/connection"))
+        .header("authorization", identity)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let url = format!(
+        "{}/api/core/connection/connect",
+        a.replace("http://", "ws://")
+    );
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .unwrap();
+    req.headers_mut()
+        .insert("origin", conn["token"].as_str().unwrap().parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let first = common::next_json(&mut ws).await;
+    let id = first["connectionId"].as_str().unwrap().to_string();
+    let ev = on_b.until("connected", &id).await;
+    assert_eq!(ev["node"], a_id);
+    assert_eq!(ev["clientId"], "cluster-device");
+}
+
+/// Starts a node of an in-process cluster on the test's runtime: `(base URL, node id)`.
+async fn start_on_bus(
+    bus: &std::sync::Arc<morrigan_server::bus::local::LocalBus>,
+    db: &str,
+    dir: std::path::PathBuf,
+) -> (String, String) {
+    let mut c = common::config(dir);
+    c.database_url = Some(db.to_string());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = morrigan_server::Server::builder(c)
+        .listener(listener)
+        .local_bus(bus.clone())
+        .build()
+        .await
+        .expect("node starts");
+    let base = format!("http://{}", server.local_addr());
+    let id = server.state().node_id.to_string();
+    tokio::spawn(server.run(std::future::pending()));
+    (base, id)
+}
+
+// ----- metrics -----
+
+type Scrape = BTreeMap<String, f64>;
+
+async fn scrape(node: &Node) -> Scrape {
+    let res = node.http.get(node.url("/metrics")).send().await.unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = res.text().await.unwrap();
+    let mut out = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, v) = line.rsplit_once(' ').expect("series value");
+        out.insert(series.to_string(), v.parse::<f64>().expect("number"));
+    }
+    out
+}
+
+/// Sum of every series of `name` whose labels include all of `labels`.
+fn value(m: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    m.iter()
+        .filter(|(series, _)| {
+            let (n, rest) = series.split_once('{').unwrap_or((series.as_str(), ""));
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|(_, v)| *v)
+        .sum()
+}
+
+async fn metric_until(node: &Node, name: &str, labels: &[(&str, &str)], want: f64) -> Scrape {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let m = scrape(node).await;
+        if value(&m, name, labels) == want {
+            return m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name}{labels:?} never became {want}: {}",
+            value(&m, name, labels)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn metrics_follow_connections() {
+    let node = Node::start().await;
+    let me = node.node_id();
+    let node_label = [("node", me.as_str())];
+    let m = scrape(&node).await;
+    assert_eq!(value(&m, "morrigan_connections_open", &node_label), 0.0);
+    assert_eq!(value(&m, "morrigan_connects_total", &node_label), 0.0);
+    assert_eq!(
+        value(&m, "morrigan_tokens_issued_total", &[("kind", "user")]),
+        1.0
+    );
+
+    let mut device = node.device("metrics-device").await;
+    let m = metric_until(&node, "morrigan_connects_total", &node_label, 1.0).await;
+    assert_eq!(value(&m, "morrigan_connections_open", &node_label), 1.0);
+    assert_eq!(
+        value(&m, "morrigan_tokens_issued_total", &[("kind", "identity")]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "morrigan_tokens_issued_total",
+            &[("kind", "connection")]
+        ),
+        1.0
+    );
+
+    // Messages in and out, and the send latency.
+    device
+        .send_json(&json!({"type": "client.state", "state": "busy"}))
+        .await;
+    metric_until(
+        &node,
+        "morrigan_messages_in_total",
+        &[("provider", "client")],
+        1.0,
+    )
+    .await;
+    let (status, body) = node
+        .send(&device.id, &json!({"type": "agent.ping", "n": 1}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(device.next_json().await["type"], "agent.ping");
+    let m = scrape(&node).await;
+    assert_eq!(
+        value(&m, "morrigan_messages_out_total", &[("provider", "agent")]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "morrigan_send_duration_seconds_count",
+            &[("outcome", "ok")]
+        ),
+        1.0
+    );
+    assert!(
+        value(
+            &m,
+            "morrigan_store_duration_seconds_count",
+            &[("op", "accept_connection")]
+        ) >= 1.0
+    );
+
+    // Refusals, by reason.
+    let (status, _) = node
+        .ws_connect("not.a.token", common::How::Bearer)
+        .await
+        .map(|_| (101, ()))
+        .unwrap_or((401, ()));
+    assert_eq!(status, 401);
+    let m = metric_until(
+        &node,
+        "morrigan_token_refusals_total",
+        &[("kind", "connection"), ("reason", "malformed")],
+        1.0,
+    )
+    .await;
+    assert_eq!(value(&m, "morrigan_token_refusals_total", &[]), 1.0);
+
+    // The connection goes: open back to 0, one disconnect with the operator's reason.
+    let (status, body) = node
+        .delete(&format!("/api/core/connection/{}", device.id), &node.admin)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let m = metric_until(
+        &node,
+        "morrigan_disconnects_total",
+        &[("node", &me), ("reason", "closed_by_operator")],
+        1.0,
+    )
+    .await;
+    assert_eq!(value(&m, "morrigan_connections_open", &node_label), 0.0);
+    assert_eq!(value(&m, "morrigan_disconnects_total", &[]), 1.0);
+
+    // No series carries a per-connection value.
+    for series in m.keys() {
+        assert!(
+            !series.contains(&device.id),
+            "per-connection label: {series}"
+        );
+        assert!(
+            !series.contains("metrics-device"),
+            "per-client label: {series}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn metrics_are_per_node_in_one_process() {
+    let a = Node::start().await;
+    let b = Node::start().await;
+    let _device = a.device("only-on-a").await;
+    metric_until(&a, "morrigan_connects_total", &[], 1.0).await;
+    let m = scrape(&b).await;
+    assert_eq!(value(&m, "morrigan_connects_total", &[]), 0.0);
+}
+
+// ----- OpenAPI -----
+
+/// Resolves a local `$ref` (`#/components/...`) in `doc`.
+fn resolve<'a>(doc: &'a Value, reference: &str) -> Option<&'a Value> {
+    doc.pointer(reference.strip_prefix('#')?)
+}
+
+fn walk_refs(doc: &Value, v: &Value, bad: &mut Vec<String>, count: &mut usize) {
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map {
+                if k == "$ref" {
+                    *count += 1;
+                    let r = child.as_str().unwrap_or_default();
+                    if resolve(doc, r).is_none() {
+                        bad.push(r.to_string());
+                    }
+                } else {
+                    walk_refs(doc, child, bad, count);
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|c| walk_refs(doc, c, bad, count)),
+        _ => {}
+    }
+}
+
+fn any_value_as_null(v: Value) -> Value {
+    match v {
+        Value::Object(map) if map.is_empty() => json!({"type": null}),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| {
+                    // Only schema positions: `{}` elsewhere (e.g. security scopes) stays.
+                    let schema_position =
+                        k == "schema" || k == "items" || k == "additionalProperties";
+                    let nested = v.as_object().is_some_and(|m| !m.is_empty());
+                    if schema_position || nested {
+                        (k, any_value_as_null(v))
+                    } else {
+                        (k, v)
+                    }
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.into_iter().map(any_value_as_null).collect()),
+        other => other,
+    }
+}
+
+/// `(METHOD, /path)` of every `#[utoipa::path]` annotation in the route sources.
+fn annotated_routes() -> BTreeSet<(String, String)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/routes");
+    let mut out = BTreeSet::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for chunk in text.split("#[utoipa::path(").skip(1) {
+            let method = chunk.split(',').next().unwrap().trim().to_uppercase();
+            let path = chunk
+                .split("path = \"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .expect("path in annotation");
+            out.insert((method, path.to_string()));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn openapi_document_is_valid_and_complete() {
+    let node = Node::start().await;
+    let (status, doc) = node.call(Method::GET, "/api-docs", None, None).await;
+    assert_eq!(status, 200);
+    // It parses as an OpenAPI document, version 3.1.
+    // (utoipa writes "any value" as the empty schema `{}`, valid JSON Schema, but reads it back
+    // only as `{"type": null}`: normalized for the parse.)
+    let parsed: utoipa::openapi::OpenApi =
+        serde_json::from_value(any_value_as_null(doc.clone())).expect("a utoipa OpenApi");
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3.1."),
+        "{}",
+        doc["openapi"]
+    );
+    assert!(!parsed.paths.paths.is_empty());
+
+    // Every $ref resolves.
+    let (mut bad, mut count) = (Vec::new(), 0);
+    walk_refs(&doc, &doc, &mut bad, &mut count);
+    assert!(count > 0);
+    assert!(bad.is_empty(), "unresolved $refs: {bad:?}");
+
+    // The three token kinds are security schemes, and operations only name those.
+    let schemes = doc["components"]["securitySchemes"].as_object().unwrap();
+    for s in ["userToken", "identityToken", "connectionToken"] {
+        assert!(schemes.contains_key(s), "security scheme {s}");
+    }
+    let mut documented = BTreeSet::new();
+    let public = ["/api/auth", "/healthz", "/.well-known/jwks.json"];
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            if !["get", "post", "put", "patch", "delete"].contains(&method.as_str()) {
+                continue;
+            }
+            documented.insert((method.to_uppercase(), path.clone()));
+            let responses = op["responses"].as_object().expect("responses");
+            assert!(
+                responses.keys().any(|c| c.starts_with('2') || c == "101"),
+                "{method} {path} documents no success"
+            );
+            let security = op["security"].as_array();
+            match security {
+                Some(list) => {
+                    for req in list {
+                        for name in req.as_object().unwrap().keys() {
+                            assert!(schemes.contains_key(name), "{method} {path}: {name}");
+                        }
+                    }
+                }
+                None => assert!(
+                    public.contains(&path.as_str()),
+                    "{method} {path} names no security scheme"
+                ),
+            }
+            assert!(op["tags"].is_array(), "{method} {path} has no tag");
+        }
+    }
+    assert!(documented.contains(&("GET".into(), "/api/core/connection/events".into())));
+
+    // Every annotated handler is in the document.
+    let annotated = annotated_routes();
+    assert_eq!(
+        annotated, documented,
+        "annotated routes vs documented operations"
+    );
+
+    // The only routes outside the OpenAPI router are the declared non-API ones, all in ui.rs.
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut stack = vec![src];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let plain = text.matches(".route(").count() + text.matches(".route_service(").count();
+            if path.ends_with("routes/ui.rs") {
+                assert_eq!(
+                    plain,
+                    morrigan_server::routes::ui::UNDOCUMENTED.len(),
+                    "every route in ui.rs is listed in UNDOCUMENTED"
+                );
+            } else {
+                assert_eq!(
+                    plain,
+                    0,
+                    "{} adds a route outside the OpenAPI router",
+                    path.display()
+                );
+            }
+        }
+    }
+
+    // Every documented operation is served (not the router's fallback, not 405).
+    for (method, path) in &documented {
+        let concrete = path
+            .replace("{id}", "no-such-id")
+            .replace("{clientId}", "no-such-client");
+        let m = Method::from_bytes(method.as_bytes()).unwrap();
+        // Status only: the body of a stream (events) never ends.
+        let res = node
+            .http
+            .request(m, node.url(&concrete))
+            .bearer_auth(&node.admin)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        let body = if status == 404 {
+            res.json::<Value>().await.unwrap_or_default()
+        } else {
+            Value::Null
+        };
+        assert_ne!(status, 405, "{method} {path}");
+        assert!(
+            !(status == 404 && body["reason"] == "No such route."),
+            "{method} {path} is documented but not served"
+        );
+    }
+    // And every declared non-API route is served.
+    for path in morrigan_server::routes::ui::UNDOCUMENTED {
+        let concrete = path
+            .replace("{*file}", "swagger-ui.css")
+            .replace("{file}", "app.js");
+        let res = node.http.get(node.url(&concrete)).send().await.unwrap();
+        assert_eq!(res.status().as_u16(), 200, "{path}");
+    }
+    // An unknown route is the fallback.
+    let (status, body) = node.call(Method::GET, "/api/nope", None, None).await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (404, Some("No such route."))
+    );
+}
+
+#[tokio::test]
+async fn swagger_ui_is_served_offline() {
+    let node = Node::start().await;
+    let res = node
+        .http
+        .get(node.url("/api-docs/view"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let html = res.text().await.unwrap();
+    assert!(html.contains("swagger"), "{html}");
+    assert!(!html.contains("https://"), "no external resources: {html}");
+    // Every local asset the page links resolves.
+    let mut assets = 0;
+    for attr in ["href=\"", "src=\""] {
+        for rest in html.split(attr).skip(1) {
+            let link = rest.split('"').next().unwrap();
+            if link.starts_with("view/") {
+                assets += 1;
+                let res = node
+                    .http
+                    .get(node.url(&format!("/api-docs/{link}")))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status().as_u16(), 200, "{link}");
+            }
+        }
+    }
+    assert!(assets >= 3, "{html}");
+    let init = node
+        .http
+        .get(node.url("/api-docs/view/swagger-initializer.js"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(init.contains("\"/api-docs\""), "{init}");
+}
+
+#[tokio::test]
+async fn responses_carry_a_request_id() {
+    let node = Node::start().await;
+    let res = node.http.get(node.url("/healthz")).send().await.unwrap();
+    let id = res.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    let res = node
+        .http
+        .get(node.url("/healthz"))
+        .header("x-request-id", "trace-me-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["x-request-id"], "trace-me-1");
+}
