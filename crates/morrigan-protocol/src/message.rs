@@ -45,14 +45,20 @@ impl<'a> MessageType<'a> {
         if bytes.len() > MAX_TYPE_LEN {
             return Err(MessageTypeError::TooLong);
         }
-        let dot = bytes.iter().position(|&b| b == b'.').ok_or(MessageTypeError::NoDot)?;
+        let dot = bytes
+            .iter()
+            .position(|&b| b == b'.')
+            .ok_or(MessageTypeError::NoDot)?;
         if dot == 0 || dot + 1 == bytes.len() {
             return Err(MessageTypeError::NoDot);
         }
         if !bytes[..dot].iter().all(|&b| provider_char(b)) {
             return Err(MessageTypeError::BadCharacter);
         }
-        if !bytes[dot + 1..].iter().all(|&b| provider_char(b) || b == b'.') {
+        if !bytes[dot + 1..]
+            .iter()
+            .all(|&b| provider_char(b) || b == b'.')
+        {
             return Err(MessageTypeError::BadCharacter);
         }
         Ok(Self { full, dot })
@@ -119,7 +125,11 @@ pub struct ConnectionState {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reason: Option<String>,
     /// The connection record's id, so a device can quote it in support requests.
-    #[serde(rename = "connectionId", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        rename = "connectionId",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub connection_id: Option<String>,
 }
 
@@ -132,7 +142,11 @@ pub struct ConnectionError {
     pub error: String,
     pub reason: String,
     /// The offending message's `type`, when it had a string one.
-    #[serde(rename = "messageType", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        rename = "messageType",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub message_type: Option<String>,
 }
 
