@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Turns morrigan-bench JSON lines into the results table of BENCHMARKS.md (between markers)."""
+import json, sys, subprocess, platform, os
+
+results, md = sys.argv[1], sys.argv[2]
+runs = {}
+for line in open(results):
+    line = line.strip()
+    if line.startswith("{"):
+        r = json.loads(line)
+        runs[r["label"]] = r
+
+def phase(r, name):
+    for p in r["phases"]:
+        if p["phase"] == name:
+            return p
+    return {}
+
+def fmt(v, d=0):
+    return "-" if v is None else f"{v:,.{d}f}"
+
+def ratio(m, b):
+    return "-" if not m or not b else f"{m / b:.2f}×"
+
+rows = []
+def row(what, b, m, d=0, note=""):
+    rows.append(f"| {what} | {fmt(b, d)} | {fmt(m, d)} | {ratio(m, b)} | {note} |")
+
+labels = sorted({k.split("/", 1)[1] for k in runs}, key=lambda s: (s.split("-")[0], int(s.split("-")[1]) if s.split("-")[-1].isdigit() else 0))
+for label in labels:
+    b, m = runs.get("bare/" + label), runs.get("morrigan/" + label)
+    if not b or not m:
+        continue
+    kind = label.split("-")[0]
+    if kind == "connect":
+        bc, mc = phase(b, "connect"), phase(m, "connect")
+        bh, mh = phase(b, "hold"), phase(m, "hold")
+        n = m["connections"]
+        row(f"{label}: connects/s", bc.get("rate_per_s"), mc.get("rate_per_s"), 0, f"failures bare {sum(bc.get('failures', {}).values())}, morrigan {sum(mc.get('failures', {}).values())}")
+        row(f"{label}: connect p99 ms", bc["latency"]["p99_ms"], mc["latency"]["p99_ms"], 1)
+        row(f"{label}: server CPU µs/connect", bc.get("server_cpu_us_per_op"), mc.get("server_cpu_us_per_op"), 0)
+        row(f"{label}: server RSS KiB/conn (held)", bh.get("server_rss_kib_per_conn"), mh.get("server_rss_kib_per_conn"), 2, f"held {mh.get('held')}/{n}, drops {mh.get('drops')} over {mh.get('wall_s', 0):.0f} s")
+        row(f"{label}: idle CPU, % of a core per 10k conns", bh.get("server_pct_core_per_10k"), mh.get("server_pct_core_per_10k"), 3, "pings every 30 s")
+    elif kind == "send":
+        bs, ms = phase(b, "send"), phase(m, "send")
+        row(f"{label}: REST sends/s", bs.get("rate_per_s"), ms.get("rate_per_s"), 0, f"lost bare {bs.get('lost')}, morrigan {ms.get('lost')}; failures {sum(ms.get('failures', {}).values())}")
+        row(f"{label}: server CPU µs/send", bs.get("server_cpu_us_per_op"), ms.get("server_cpu_us_per_op"), 0)
+        row(f"{label}: e2e p50 ms (REST → device)", bs["e2e"]["p50_ms"], ms["e2e"]["p50_ms"], 2)
+        row(f"{label}: e2e p99 ms (REST → device)", bs["e2e"]["p99_ms"], ms["e2e"]["p99_ms"], 2)
+    elif kind == "churn":
+        bs, ms = phase(b, "churn"), phase(m, "churn")
+        row(f"{label}: cycles/s", bs.get("rate_per_s"), ms.get("rate_per_s"), 0, f"failures {sum(ms.get('failures', {}).values())}")
+        row(f"{label}: server CPU µs/cycle", bs.get("server_cpu_us_per_op"), ms.get("server_cpu_us_per_op"), 0)
+
+def sh(cmd):
+    try:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
+    except Exception:
+        return "?"
+
+mem = sh("free -g | awk '/Mem:/{print $2}'")
+machine = (f"Machine: {sh('nproc')} cores, {mem} GiB, kernel {platform.release()}, {sh('rustc --version')}; "
+           f"generated {sh('date -u +%Y-%m-%dT%H:%MZ')}.")
+table = "\n".join([machine, "", "| measurement | bare floor | Morrigan | Morrigan / floor | notes |", "|---|---:|---:|---:|---|"] + rows)
+
+text = open(md).read()
+begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+i, j = text.index(begin) + len(begin), text.index(end)
+open(md, "w").write(text[:i] + "\n" + table + "\n" + text[j:])
