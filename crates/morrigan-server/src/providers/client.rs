@@ -120,20 +120,8 @@ pub async fn issue_identity_token(
             None,
         )
         .map_err(|e| HandlerError::Failed(e.to_string()))?;
-    let fmt = |t: i64| {
-        time::OffsetDateTime::from_unix_timestamp(t)
-            .map(time_format::format)
-            .unwrap_or_default()
-    };
     s.store
-        .insert_token(&TokenRow {
-            id: issued.claims.jti.clone(),
-            kind: TokenKind::Identity,
-            subject: client_id.to_string(),
-            issuer: s.node_id.to_string(),
-            issued: fmt(issued.claims.iat),
-            expires: fmt(issued.claims.exp),
-        })
+        .insert_token(&TokenRow::from_claims(TokenKind::Identity, &issued.claims))
         .await?;
     s.store
         .set_client_token(client_id, &issued.claims.jti, &time_format::now())

@@ -48,20 +48,8 @@ pub async fn issue_user_token(s: &AppState, identity_id: &str) -> ApiResult<Stri
             None,
         )
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    let fmt = |t: i64| {
-        time::OffsetDateTime::from_unix_timestamp(t)
-            .map(time_format::format)
-            .unwrap_or_default()
-    };
     s.store
-        .insert_token(&TokenRow {
-            id: issued.claims.jti.clone(),
-            kind: TokenKind::User,
-            subject: identity_id.to_string(),
-            issuer: s.node_id.to_string(),
-            issued: fmt(issued.claims.iat),
-            expires: fmt(issued.claims.exp),
-        })
+        .insert_token(&TokenRow::from_claims(TokenKind::User, &issued.claims))
         .await?;
     Ok(issued.token)
 }

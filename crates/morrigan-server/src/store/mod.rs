@@ -59,6 +59,25 @@ pub struct TokenRow {
     pub expires: String,
 }
 
+impl TokenRow {
+    /// The record of a token just issued (its `jti`, `sub`, `iss`, `iat` and `exp`).
+    pub fn from_claims(kind: TokenKind, claims: &morrigan_protocol::api::Claims) -> Self {
+        let at = |t: i64| {
+            time::OffsetDateTime::from_unix_timestamp(t)
+                .map(morrigan_protocol::time_format::format)
+                .unwrap_or_default()
+        };
+        Self {
+            id: claims.jti.clone(),
+            kind,
+            subject: claims.sub.clone(),
+            issuer: claims.iss.clone(),
+            issued: at(claims.iat),
+            expires: at(claims.exp),
+        }
+    }
+}
+
 /// The public half of a node's signing key. Any node verifies any node's tokens with it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SigningKeyRow {
