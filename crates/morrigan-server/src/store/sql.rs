@@ -651,21 +651,36 @@ macro_rules! sql_store {
             }
 
             async fn record_heartbeats(&self, beats: &[Heartbeat]) -> Result<()> {
+                // One statement per chunk (`UPDATE … FROM (VALUES …)`, portable to SQLite ≥ 3.33
+                // and PostgreSQL, whose VALUES columns are both named column1..3), instead of one
+                // per connection: the flush is the only steady write of an idle fleet.
+                const CHUNK: usize = 200;
                 if beats.is_empty() {
                     return Ok(());
                 }
                 let mut tx = self.pool.begin().await.map_err(db)?;
-                for b in beats {
-                    sqlx::query(
-                        "UPDATE connections SET alive = $2, last_heartbeat = COALESCE($3, last_heartbeat) \
-                         WHERE id = $1 AND open",
-                    )
-                    .bind(&b.connection_id)
-                    .bind(b.alive)
-                    .bind(&b.last_heartbeat)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
+                for chunk in beats.chunks(CHUNK) {
+                    let mut sql = String::from(
+                        "UPDATE connections SET alive = v.column2, \
+                         last_heartbeat = COALESCE(v.column3, connections.last_heartbeat) FROM (VALUES ",
+                    );
+                    for i in 0..chunk.len() {
+                        if i > 0 {
+                            sql.push_str(", ");
+                        }
+                        let n = i * 3;
+                        sql.push_str(&format!("(${}, ${}, ${})", n + 1, n + 2, n + 3));
+                    }
+                    sql.push_str(") AS v WHERE connections.id = v.column1 AND connections.open");
+                    // Only placeholders are interpolated; every value is bound.
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for b in chunk {
+                        q = q
+                            .bind(b.connection_id.clone())
+                            .bind(b.alive)
+                            .bind(b.last_heartbeat.clone());
+                    }
+                    q.execute(&mut *tx).await.map_err(db)?;
                 }
                 tx.commit().await.map_err(db)?;
                 Ok(())
