@@ -125,6 +125,44 @@ impl User {
     }
 }
 
+/// How long a verified user token is trusted without checking it again.
+pub const USER_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+/// Most tokens cached; past this the cache starts over (operators are few; this bounds memory
+/// against a flood of distinct valid tokens).
+const USER_CACHE_MAX: usize = 10_000;
+
+/// Recently verified user tokens. A REST call with a cached token costs no signature check and
+/// no store read (they were most of a send's CPU). Changes this node makes to identities or
+/// their tokens clear it at once; a revocation made on another node of a cluster takes effect
+/// here within [`USER_CACHE_TTL`].
+#[derive(Default)]
+pub struct UserCache {
+    entries: dashmap::DashMap<Box<str>, (User, std::time::Instant, i64)>,
+}
+
+impl UserCache {
+    fn get(&self, token: &str) -> Option<User> {
+        let entry = self.entries.get(token)?;
+        let (user, at, exp) = &*entry;
+        let fresh = at.elapsed() < USER_CACHE_TTL
+            && time::OffsetDateTime::now_utc().unix_timestamp() < *exp;
+        fresh.then(|| user.clone())
+    }
+
+    fn put(&self, token: &str, user: &User, exp: i64) {
+        if self.entries.len() >= USER_CACHE_MAX {
+            self.entries.clear();
+        }
+        self.entries
+            .insert(token.into(), (user.clone(), std::time::Instant::now(), exp));
+    }
+
+    /// Forgets every cached token (after an identity or its tokens changed).
+    pub fn clear(&self) {
+        self.entries.clear();
+    }
+}
+
 impl FromRequestParts<AppState> for User {
     type Rejection = ApiError;
 
@@ -132,6 +170,9 @@ impl FromRequestParts<AppState> for User {
         let token = bearer(parts).ok_or_else(|| {
             ApiError::unauthorized("A user token is required: 'Authorization: Bearer <token>'.")
         })?;
+        if let Some(user) = state.user_cache.get(token) {
+            return Ok(user);
+        }
         let claims = state
             .tokens
             .verify(token, audience::USER)
@@ -147,10 +188,12 @@ impl FromRequestParts<AppState> for User {
         let identity = state.store.identity(&claims.sub).await?.ok_or_else(|| {
             ApiError::unauthorized("The identity of this token no longer exists.")
         })?;
-        Ok(User {
+        let user = User {
             identity,
             token_id: claims.jti,
-        })
+        };
+        state.user_cache.put(token, &user, claims.exp);
+        Ok(user)
     }
 }
 

@@ -223,6 +223,7 @@ impl ServerBuilder {
             hooks,
             heartbeats,
             metrics,
+            user_cache: Default::default(),
             sessions: TaskTracker::new(),
             shutdown: CancellationToken::new(),
         }));

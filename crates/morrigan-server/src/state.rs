@@ -34,6 +34,8 @@ pub struct Inner {
     pub providers: Providers,
     pub hooks: Vec<Arc<dyn Hooks>>,
     pub heartbeats: HeartbeatQueue,
+    /// Recently verified user tokens (see [`crate::auth::UserCache`]).
+    pub user_cache: crate::auth::UserCache,
     /// This node's Prometheus registry (`GET /metrics`).
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Every connection task, so shutdown can wait for their records to be written.

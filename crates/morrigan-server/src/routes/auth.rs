@@ -267,7 +267,10 @@ async fn apply_patch(
         password_changed = true;
     }
     row.updated = time_format::now();
-    match s.store.update_identity(&row).await {
+    let updated = s.store.update_identity(&row).await;
+    // Cached sessions carry the identity's old name and functions.
+    s.user_cache.clear();
+    match updated {
         Ok(true) => {}
         Ok(false) => return Err(ApiError::not_found("No such identity.")),
         Err(crate::store::StoreError::Conflict(_)) => {
@@ -280,6 +283,8 @@ async fn apply_patch(
         s.store
             .revoke_tokens(TokenKind::User, &row.id, keep_session)
             .await?;
+        // Again after the revocation, so no request in between re-cached a revoked session.
+        s.user_cache.clear();
     }
     Ok(row)
 }
@@ -344,7 +349,9 @@ async fn delete_identity(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     user.require(&[functions::IDENTITY_DELETE_ALL])?;
-    if !s.store.delete_identity(&id).await? {
+    let deleted = s.store.delete_identity(&id).await?;
+    s.user_cache.clear();
+    if !deleted {
         return Err(ApiError::not_found("No such identity."));
     }
     tracing::info!(by = %user.identity.name, identity = %id, "identity deleted");
