@@ -654,7 +654,10 @@ macro_rules! sql_store {
                 // One statement per chunk (`UPDATE … FROM (VALUES …)`, portable to SQLite ≥ 3.33
                 // and PostgreSQL, whose VALUES columns are both named column1..3), instead of one
                 // per connection: the flush is the only steady write of an idle fleet.
-                const CHUNK: usize = 200;
+                // Small chunks: sqlx-sqlite resolves every placeholder by name, which costs O(n)
+                // per parameter in SQLite (O(n²) per statement): 600 parameters cost more than
+                // the rows they update.
+                const CHUNK: usize = 32;
                 if beats.is_empty() {
                     return Ok(());
                 }
