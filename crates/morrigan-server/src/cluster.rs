@@ -2,6 +2,7 @@
 //! trusted proxy.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::HeaderMap;
@@ -18,6 +19,25 @@ pub const REMOTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// 404 unknown, 409 closed or not established, else the owning node's answer (503 when it is
 /// gone, 504 when it does not answer in time). Never reports success without the owner's ack.
 pub async fn route(s: &AppState, id: &str, command: BusCommand) -> Result<(), ApiError> {
+    // A connection never changes node, so its owner is remembered after the first lookup: a
+    // repeated remote send costs no store read. A stale entry only means the owner answers
+    // "not here" (409), or fails, in which case the record decides below.
+    // Clone out of the map first: holding the shard guard across the request (or into the
+    // `remove` below) would block that shard, and deadlock on the remove.
+    let cached = s.owners.get(id).map(|o| o.value().clone());
+    if let Some(owner) = cached {
+        match s.bus.request(&owner, command.clone(), REMOTE_TIMEOUT).await {
+            Ok(reply) => {
+                if reply != BusReply::Ok {
+                    s.owners.remove(id);
+                }
+                return answer(reply);
+            }
+            Err(_) => {
+                s.owners.remove(id);
+            }
+        }
+    }
     let record = s
         .store
         .connection(id)
@@ -40,13 +60,15 @@ pub async fn route(s: &AppState, id: &str, command: BusCommand) -> Result<(), Ap
         return Err(ApiError::conflict("Connection closed."));
     }
     match s.bus.request(owner, command, REMOTE_TIMEOUT).await {
-        Ok(BusReply::Ok) => Ok(()),
-        Ok(BusReply::NotHere) | Ok(BusReply::Closed) => {
-            Err(ApiError::conflict("Connection closed."))
+        Ok(reply) => {
+            if reply == BusReply::Ok {
+                if s.owners.len() >= MAX_OWNERS {
+                    s.owners.clear();
+                }
+                s.owners.insert(id.to_string(), Arc::from(owner));
+            }
+            answer(reply)
         }
-        Ok(BusReply::Timeout) => Err(ApiError::timeout(
-            "The connection did not take the message in time.",
-        )),
         Err(BusError::Timeout(n)) => Err(ApiError::timeout(format!(
             "Node '{n}', which holds the connection, did not answer in time."
         ))),
@@ -54,6 +76,19 @@ pub async fn route(s: &AppState, id: &str, command: BusCommand) -> Result<(), Ap
             "Node '{n}', which holds the connection, is not reachable."
         ))),
         Err(e) => Err(ApiError::unavailable(e.to_string())),
+    }
+}
+
+/// Most remembered owners (bounded: a peer chooses the ids it sends to).
+const MAX_OWNERS: usize = 100_000;
+
+fn answer(reply: BusReply) -> Result<(), ApiError> {
+    match reply {
+        BusReply::Ok => Ok(()),
+        BusReply::NotHere | BusReply::Closed => Err(ApiError::conflict("Connection closed.")),
+        BusReply::Timeout => Err(ApiError::timeout(
+            "The connection did not take the message in time.",
+        )),
     }
 }
 

@@ -224,6 +224,7 @@ impl ServerBuilder {
             heartbeats,
             metrics,
             user_cache: Default::default(),
+            owners: Default::default(),
             sessions: TaskTracker::new(),
             shutdown: CancellationToken::new(),
         }));

@@ -36,6 +36,8 @@ pub struct Inner {
     pub heartbeats: HeartbeatQueue,
     /// Recently verified user tokens (see [`crate::auth::UserCache`]).
     pub user_cache: crate::auth::UserCache,
+    /// The node of each remote connection this node has sent to (see [`crate::cluster::route`]).
+    pub owners: dashmap::DashMap<String, Arc<str>>,
     /// This node's Prometheus registry (`GET /metrics`).
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Every connection task, so shutdown can wait for their records to be written.
