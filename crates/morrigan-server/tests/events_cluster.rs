@@ -115,37 +115,7 @@ async fn scenario(nats: Option<String>) {
     let mut buf = String::new();
 
     // A device connects to A and is closed there.
-    let identity: String = http
-        .post(format!("{a}/api/core/client/provision"))
-        .bearer_auth(&token_a)
-        .json(&json!({"id": "bus-device"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let conn: Value = http
-        .post(format!("{a}/api/core/connection"))
-        .header("authorization", identity)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let url = format!(
-        "{}/api/core/connection/connect",
-        a.replace("http://", "ws://")
-    );
-    let mut req =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
-            .unwrap();
-    req.headers_mut()
-        .insert("origin", conn["token"].as_str().unwrap().parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    let first = common::next_json(&mut ws).await;
-    let id = first["connectionId"].as_str().unwrap().to_string();
+    let (_ws, id) = common::connect_at(&http, &a, &token_a, "bus-device").await;
     let status = http
         .delete(format!("{a}/api/core/connection/{id}?reason=bus-test"))
         .bearer_auth(&token_a)

@@ -211,37 +211,7 @@ async fn event_stream_is_cluster_wide() {
     };
     assert_eq!(on_b.next().await.0, "ready");
 
-    let identity: String = http
-        .post(format!("{a}/api/core/client/provision"))
-        .bearer_auth(&token_a)
-        .json(&json!({"id": "cluster-device"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let conn: Value = http
-        .post(format!("{a}/api/core/connection"))
-        .header("authorization", identity)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let url = format!(
-        "{}/api/core/connection/connect",
-        a.replace("http://", "ws://")
-    );
-    let mut req =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
-            .unwrap();
-    req.headers_mut()
-        .insert("origin", conn["token"].as_str().unwrap().parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    let first = common::next_json(&mut ws).await;
-    let id = first["connectionId"].as_str().unwrap().to_string();
+    let (_ws, id) = common::connect_at(&http, &a, &token_a, "cluster-device").await;
     let ev = on_b.until("connected", &id).await;
     assert_eq!(ev["node"], a_id);
     assert_eq!(ev["clientId"], "cluster-device");

@@ -511,6 +511,54 @@ pub fn parse_body(bytes: &[u8]) -> Value {
 }
 
 /// The next text frame as JSON, skipping ping/pong frames; panics on close or after [`WAIT`].
+/// Provisions `client_id` on the node at `base` (a URL, for nodes this harness did not start),
+/// exchanges its identity token and connects it; returns the socket and the connection id.
+pub async fn connect_at(
+    http: &reqwest::Client,
+    base: &str,
+    user_token: &str,
+    client_id: &str,
+) -> (Ws, String) {
+    let identity: String = http
+        .post(format!("{base}/api/core/client/provision"))
+        .bearer_auth(user_token)
+        .json(&serde_json::json!({"id": client_id}))
+        .send()
+        .await
+        .expect("provision")
+        .json()
+        .await
+        .expect("identity token");
+    let conn: Value = http
+        .post(format!("{base}/api/core/connection"))
+        .header("authorization", identity)
+        .send()
+        .await
+        .expect("token exchange")
+        .json()
+        .await
+        .expect("token body");
+    let url = format!(
+        "{}/api/core/connection/connect",
+        base.replace("http://", "ws://")
+    );
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .expect("request");
+    let token = conn["token"].as_str().expect("connection token");
+    req.headers_mut()
+        .insert("origin", token.parse().expect("header value"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("connect");
+    let first = next_json(&mut ws).await;
+    let id = first["connectionId"]
+        .as_str()
+        .expect("connectionId")
+        .to_string();
+    (ws, id)
+}
+
 pub async fn next_json(ws: &mut Ws) -> Value {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
