@@ -72,6 +72,8 @@ pub enum SendError {
 #[derive(Default)]
 pub struct Hub {
     conns: DashMap<Arc<str>, ConnHandle>,
+    /// The newest local connection of each client (one live connection per client).
+    newest: DashMap<Arc<str>, Arc<str>>,
 }
 
 impl Hub {
@@ -79,13 +81,21 @@ impl Hub {
         Self::default()
     }
 
-    pub fn insert(&self, id: Arc<str>, handle: ConnHandle) {
-        self.conns.insert(id, handle);
+    /// Adds a connection and makes it its client's newest; returns the local connection it
+    /// replaces as the newest, if any (which the caller supersedes). Of racing inserts for one
+    /// client, each replaces exactly the one before it, so exactly one stays the newest.
+    pub fn insert(&self, id: Arc<str>, handle: ConnHandle) -> Option<Arc<str>> {
+        let client = handle.client_id.clone();
+        self.conns.insert(id.clone(), handle);
+        self.newest.insert(client, id)
     }
 
     /// Removes `id` if it is still the entry created with `tx` (a task only removes itself).
     pub fn remove(&self, id: &str, tx: &mpsc::Sender<Command>) {
-        self.conns.remove_if(id, |_, h| h.tx.same_channel(tx));
+        if let Some((_, handle)) = self.conns.remove_if(id, |_, h| h.tx.same_channel(tx)) {
+            self.newest
+                .remove_if(&handle.client_id, |_, newest| &**newest == id);
+        }
     }
 
     pub fn get(&self, id: &str) -> Option<ConnHandle> {

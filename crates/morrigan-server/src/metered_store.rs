@@ -226,15 +226,19 @@ impl Store for MeteredStore {
             .store_duration("capabilities", r.is_ok(), started.elapsed());
         r
     }
-    async fn insert_connection(
+    async fn issue_connection(
         &self,
         record: &ConnectionRecord,
         token_expires: &str,
-    ) -> Result<()> {
+        identity_token: &str,
+    ) -> Result<bool> {
         let started = Instant::now();
-        let r = self.inner.insert_connection(record, token_expires).await;
+        let r = self
+            .inner
+            .issue_connection(record, token_expires, identity_token)
+            .await;
         self.metrics
-            .store_duration("insert_connection", r.is_ok(), started.elapsed());
+            .store_duration("issue_connection", r.is_ok(), started.elapsed());
         r
     }
     async fn connection(&self, id: &str) -> Result<Option<ConnectionRecord>> {

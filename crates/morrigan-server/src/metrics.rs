@@ -334,6 +334,10 @@ impl Bus for MeteredBus {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
+
+    fn alone(&self) -> bool {
+        self.inner.alone()
+    }
 }
 
 /// Runs [`Metrics::upkeep`] every 5 seconds until `stop` is cancelled.

@@ -209,6 +209,7 @@ impl ServerBuilder {
             metrics.clone(),
             bus.clone(),
         )];
+        let embedder_hooks = !self.hooks.is_empty();
         hooks.extend(self.hooks);
         let (heartbeats, heartbeat_rx) = crate::heartbeat::queue();
         let state = AppState(Arc::new(Inner {
@@ -221,6 +222,7 @@ impl ServerBuilder {
             bus,
             providers: self.providers,
             hooks,
+            embedder_hooks,
             heartbeats,
             metrics,
             user_cache: Default::default(),

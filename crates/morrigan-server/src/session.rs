@@ -102,7 +102,7 @@ async fn run_inner(state: AppState, record: ConnectionRecord, mut socket: WebSoc
     let client_id: Arc<str> = Arc::from(record.client_id.as_str());
     let (tx, mut rx) = mpsc::channel(COMMAND_QUEUE);
     let liveness = Arc::new(Liveness::new(now_ms()));
-    state.hub.insert(
+    let replaced = state.hub.insert(
         id.clone(),
         ConnHandle {
             client_id: client_id.clone(),
@@ -112,7 +112,21 @@ async fn run_inner(state: AppState, record: ConnectionRecord, mut socket: WebSoc
     );
     tracing::info!(address = ?record.client_address, "connected");
 
-    let superseded = supersede(&state, &record).await;
+    // Alone, the hub knows every live connection: the one this replaced is the older one. In a
+    // cluster the older one may be on another node, which only the store knows.
+    let superseded = if state.bus.alone() {
+        if let Some(older) = replaced {
+            let reason = format!("superseded by connection {}", record.id);
+            state
+                .hub
+                .close(&older, close::SUPERSEDED, &reason, None)
+                .await;
+            tracing::info!(older = %older, "superseded an older connection");
+        }
+        None
+    } else {
+        supersede(&state, &record).await
+    };
 
     let accepted = ConnectionState {
         kind: types::CONNECTION_STATE.into(),

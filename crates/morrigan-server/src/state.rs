@@ -33,6 +33,9 @@ pub struct Inner {
     pub bus: Arc<dyn Bus>,
     pub providers: Providers,
     pub hooks: Vec<Arc<dyn Hooks>>,
+    /// Whether the embedder registered hooks (the built-in observer never refuses a
+    /// connection): only then does an upgrade read the pending record for `authenticate`.
+    pub embedder_hooks: bool,
     pub heartbeats: HeartbeatQueue,
     /// Recently verified user tokens (see [`crate::auth::UserCache`]).
     pub user_cache: crate::auth::UserCache,

@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
+use futures_util::future::join_all;
 use morrigan_protocol::records::ConnectionRecord;
 use morrigan_server::store::postgres::PgStore;
 use morrigan_server::store::sqlite::SqliteStore;
-use morrigan_server::store::{CloseInfo, Heartbeat, NodeRow, Store};
+use morrigan_server::store::{CloseInfo, Heartbeat, NodeRow, Store, TokenKind, TokenRow};
 
 fn pending(id: &str, token: &str) -> ConnectionRecord {
     ConnectionRecord {
@@ -29,23 +30,56 @@ fn pending(id: &str, token: &str) -> ConnectionRecord {
 
 async fn exercise(store: Arc<dyn Store>) {
     let far = "2999-01-01T00:00:00.000Z";
-    // 450 connections: many heartbeat chunks (32 each).
-    for i in 0..450 {
-        store
-            .insert_connection(&pending(&format!("c{i}"), &format!("t{i}")), far)
-            .await
-            .expect("insert");
-        let accepted = store
-            .accept_connection(
-                &format!("c{i}"),
-                &format!("t{i}"),
-                "node-1",
-                "127.0.0.1",
-                "2026-01-01T00:00:01.000Z",
-            )
-            .await
-            .expect("accept");
-        assert!(accepted.is_some());
+    store
+        .upsert_client("dev", "2026-01-01T00:00:00.000Z")
+        .await
+        .expect("client");
+    store
+        .insert_token(&TokenRow {
+            id: "identity-1".into(),
+            kind: TokenKind::Identity,
+            subject: "dev".into(),
+            issuer: "node-1".into(),
+            issued: "2026-01-01T00:00:00.000Z".into(),
+            expires: far.into(),
+        })
+        .await
+        .expect("identity token");
+    // 450 concurrent exchanges and accepts: the hot path's multi-row batches, and many
+    // heartbeat chunks (32 each) below.
+    let issued = join_all((0..450).map(|i| {
+        let store = store.clone();
+        async move {
+            store
+                .issue_connection(
+                    &pending(&format!("c{i}"), &format!("t{i}")),
+                    far,
+                    "identity-1",
+                )
+                .await
+        }
+    }))
+    .await;
+    assert!(issued.iter().all(|r| matches!(r, Ok(true))), "{issued:?}");
+    let accepted = join_all((0..450).map(|i| {
+        let store = store.clone();
+        async move {
+            store
+                .accept_connection(
+                    &format!("c{i}"),
+                    &format!("t{i}"),
+                    "node-1",
+                    "127.0.0.1",
+                    "2026-01-01T00:00:01.000Z",
+                )
+                .await
+        }
+    }))
+    .await;
+    for (i, a) in accepted.iter().enumerate() {
+        let record = a.as_ref().expect("accept").as_ref().expect("accepted");
+        assert_eq!(record.id, format!("c{i}"));
+        assert_eq!(record.server_id.as_deref(), Some("node-1"));
     }
     // Single use: the same token again is refused.
     let again = store
@@ -59,6 +93,67 @@ async fn exercise(store: Arc<dyn Store>) {
         .await
         .expect("accept again");
     assert!(again.is_none());
+    // One fresh token presented eight times at once (so in one batch): accepted exactly once.
+    assert!(
+        store
+            .issue_connection(&pending("race", "t-race"), far, "identity-1")
+            .await
+            .expect("issue race")
+    );
+    let racing = join_all((0..8).map(|_| {
+        let store = store.clone();
+        async move {
+            store
+                .accept_connection(
+                    "race",
+                    "t-race",
+                    "node-1",
+                    "127.0.0.1",
+                    "2026-01-01T00:00:03.000Z",
+                )
+                .await
+        }
+    }))
+    .await;
+    let winners = racing.iter().filter(|r| matches!(r, Ok(Some(_)))).count();
+    assert_eq!(winners, 1, "{racing:?}");
+    // A wrong token for the record is refused.
+    assert!(
+        store
+            .issue_connection(&pending("wrong", "t-wrong"), far, "identity-1")
+            .await
+            .expect("issue wrong")
+    );
+    assert!(
+        store
+            .accept_connection(
+                "wrong",
+                "t-other",
+                "node-1",
+                "127.0.0.1",
+                "2026-01-01T00:00:03.000Z"
+            )
+            .await
+            .expect("accept wrong")
+            .is_none()
+    );
+    // No pending record without a live identity token, or for a deprovisioned client.
+    assert!(
+        !store
+            .issue_connection(&pending("x1", "tx1"), far, "no-such-token")
+            .await
+            .expect("issue unknown token")
+    );
+    let mut stranger = pending("x2", "tx2");
+    stranger.client_id = "stranger".into();
+    assert!(
+        !store
+            .issue_connection(&stranger, far, "identity-1")
+            .await
+            .expect("issue unknown client")
+    );
+    assert!(store.connection("x1").await.expect("read").is_none());
+    assert!(store.connection("x2").await.expect("read").is_none());
 
     let beats: Vec<Heartbeat> = (0..450)
         .map(|i| Heartbeat {
@@ -104,6 +199,32 @@ async fn exercise(store: Arc<dyn Store>) {
         .expect("heartbeat after close");
     let c2 = store.connection("c2").await.expect("read").expect("c2");
     assert!(!c2.open && !c2.alive);
+    assert_eq!(c2.close_code, Some(1000));
+    assert_eq!(c2.close_reason.as_deref(), Some("bye"));
+    // Concurrent closes of one record: the first wins, the record keeps its code.
+    let closes = join_all((0..4u16).map(|k| {
+        let store = store.clone();
+        async move {
+            store
+                .close_connection(
+                    "c3",
+                    &CloseInfo {
+                        at: "2026-01-01T00:02:00.000Z",
+                        code: 4000 + k,
+                        reason: "racing",
+                    },
+                )
+                .await
+        }
+    }))
+    .await;
+    assert_eq!(
+        closes.iter().filter(|r| matches!(r, Ok(true))).count(),
+        1,
+        "{closes:?}"
+    );
+    let c3 = store.connection("c3").await.expect("read").expect("c3");
+    assert!(!c3.open && c3.close_code.is_some_and(|c| (4000..4004).contains(&c)));
 
     // A lapsed lease is reaped once.
     let node = |id: &str, lease: &str| NodeRow {

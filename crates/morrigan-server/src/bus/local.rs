@@ -73,4 +73,9 @@ impl Bus for LocalBus {
     fn name(&self) -> &'static str {
         "local"
     }
+
+    /// A single node: nothing else can reach (or hold) this store's sockets.
+    fn alone(&self) -> bool {
+        self.hubs.len() <= 1
+    }
 }

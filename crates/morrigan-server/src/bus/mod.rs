@@ -84,6 +84,12 @@ pub trait Bus: Send + Sync + 'static {
 
     /// The backend's name, for logs and `/healthz`.
     fn name(&self) -> &'static str;
+
+    /// True when no other node can hold a socket of this node's store: the hub then knows
+    /// every live connection, and supersede needs no store query.
+    fn alone(&self) -> bool {
+        false
+    }
 }
 
 /// Events buffered per subscriber before it lags.

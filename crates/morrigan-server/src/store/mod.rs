@@ -6,6 +6,7 @@
 //! [`morrigan_protocol::time_format`]), so ordering and range queries are plain string
 //! comparisons on every backend.
 
+pub(crate) mod batch;
 pub mod postgres;
 pub(crate) mod sql;
 pub mod sqlite;
@@ -13,8 +14,9 @@ pub mod sqlite;
 use async_trait::async_trait;
 use morrigan_protocol::records::{ClientCapabilities, ClientRecord, ConnectionRecord};
 
-/// Store failures. Backend errors are wrapped, not exposed by type.
-#[derive(Debug, thiserror::Error)]
+/// Store failures. Backend errors are wrapped, not exposed by type. `Clone`, so that one failed
+/// batch can answer each of its callers.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// A uniqueness constraint was violated (e.g. an identity name already in use).
     #[error("conflict: {0}")]
@@ -202,9 +204,16 @@ pub trait Store: Send + Sync + 'static {
     async fn capabilities(&self, id: &str) -> Result<Option<ClientCapabilities>>;
 
     // --- connections ---
-    /// Inserts a pending connection (token issued, not yet used) that expires at `token_expires`.
-    async fn insert_connection(&self, record: &ConnectionRecord, token_expires: &str)
-    -> Result<()>;
+    /// Inserts a pending connection (token issued, not yet used) whose token expires at
+    /// `token_expires`, if and only if the identity token `identity_token` is live at
+    /// `record.created` and `record.client_id` is still provisioned: false otherwise, and the
+    /// caller reads which (the rare path). One statement, batched with concurrent exchanges.
+    async fn issue_connection(
+        &self,
+        record: &ConnectionRecord,
+        token_expires: &str,
+        identity_token: &str,
+    ) -> Result<bool>;
     async fn connection(&self, id: &str) -> Result<Option<ConnectionRecord>>;
     async fn connections(&self, filter: &ConnectionFilter) -> Result<Vec<ConnectionRecord>>;
     /// Atomically consumes the connection token `token_id` of connection `id` and marks it

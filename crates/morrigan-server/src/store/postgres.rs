@@ -24,6 +24,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    hot: super::sql::HotPath,
 }
 
 impl PgStore {
@@ -38,7 +39,8 @@ impl PgStore {
             .connect_with(options)
             .await
             .map_err(db)?;
-        let store = Self { pool };
+        let hot = Self::hot_path(&pool);
+        let store = Self { pool, hot };
         let mut lock = store.pool.acquire().await.map_err(db)?;
         sqlx::query("SELECT pg_advisory_lock(72070001)")
             .execute(&mut *lock)
@@ -63,4 +65,4 @@ impl PgStore {
     }
 }
 
-super::sql::sql_store!(PgStore, sqlx::postgres::PgRow);
+super::sql::sql_store!(PgStore, sqlx::Postgres, sqlx::postgres::PgRow);

@@ -25,6 +25,45 @@ pub(crate) fn db(e: sqlx::Error) -> StoreError {
     StoreError::Database(e.to_string())
 }
 
+/// A pending connection to record if its identity token is live at `record.created` and its
+/// client is still provisioned (see [`Store::issue_connection`](super::Store::issue_connection)).
+pub(crate) struct IssueRequest {
+    pub record: morrigan_protocol::records::ConnectionRecord,
+    pub token_expires: String,
+    pub identity_token: String,
+}
+
+/// A connection token to consume (see [`Store::accept_connection`](super::Store::accept_connection)).
+pub(crate) struct AcceptRequest {
+    pub id: String,
+    pub token_id: String,
+    pub server_id: String,
+    pub address: String,
+    pub now: String,
+}
+
+/// A record to close (see [`Store::close_connection`](super::Store::close_connection)).
+pub(crate) struct CloseRequest {
+    pub id: String,
+    pub at: String,
+    pub code: u16,
+    pub reason: String,
+}
+
+/// Rows per multi-row statement. Small: sqlx-sqlite resolves every placeholder by name, which
+/// costs O(n) per parameter in SQLite (O(n²) per statement).
+pub(crate) const BATCH_ROWS: usize = 32;
+
+/// The batched writes of a connection's life: token exchange, accept and close (see
+/// [`super::batch`]).
+#[derive(Clone)]
+pub(crate) struct HotPath {
+    pub issue: super::batch::Batcher<IssueRequest, bool>,
+    pub accept:
+        super::batch::Batcher<AcceptRequest, Option<morrigan_protocol::records::ConnectionRecord>>,
+    pub close: super::batch::Batcher<CloseRequest, bool>,
+}
+
 /// Applies `migrations` in order, each once, recording them in `morrigan_migrations`.
 macro_rules! migrate {
     ($pool:expr, $migrations:expr) => {{
@@ -63,16 +102,19 @@ macro_rules! migrate {
 }
 pub(crate) use migrate;
 
-/// Implements [`Store`](super::Store) for `$store` (a struct with a `pool` field) whose rows
-/// are `$row`.
+/// Implements [`Store`](super::Store) for `$store` (a struct with a `pool: sqlx::Pool<$db>`
+/// field and a `hot: HotPath` field made by `$store::hot_path`) whose rows are `$row`.
 macro_rules! sql_store {
-    ($store:ident, $row:ty) => {
+    ($store:ident, $db:ty, $row:ty) => {
         mod sql_impl {
             use super::$store;
             use async_trait::async_trait;
             use morrigan_protocol::records::{ClientCapabilities, ClientRecord, ConnectionRecord};
             use sqlx::Row;
-            use $crate::store::sql::db;
+            use $crate::store::batch::{Batcher, values_list};
+            use $crate::store::sql::{
+                AcceptRequest, BATCH_ROWS, CloseRequest, HotPath, IssueRequest, db,
+            };
             use $crate::store::{
                 CloseInfo, ConnectionFilter, Heartbeat, IdentityRow, NodeRow, Result,
                 SigningKeyRow, Store, StoreError, TokenKind, TokenRow,
@@ -162,6 +204,118 @@ macro_rules! sql_store {
                 lease_expires: row.try_get("lease_expires").map_err(get)?,
                 state: row.try_get("state").map_err(get)?,
             })
+        }
+
+        impl $store {
+            /// Starts the batch writers of the hot path on `pool`.
+            pub(crate) fn hot_path(pool: &sqlx::Pool<$db>) -> HotPath {
+                let p = pool.clone();
+                let issue = Batcher::spawn(BATCH_ROWS, move |reqs| Box::pin(issue_batch(p.clone(), reqs)));
+                let p = pool.clone();
+                let accept = Batcher::spawn(BATCH_ROWS, move |reqs| Box::pin(accept_batch(p.clone(), reqs)));
+                let p = pool.clone();
+                let close = Batcher::spawn(BATCH_ROWS, move |reqs| Box::pin(close_batch(p.clone(), reqs)));
+                HotPath { issue, accept, close }
+            }
+        }
+
+        /// Answers each request with the one whose `id` came back, first come first served
+        /// (a duplicate id in one batch, e.g. one token presented twice, wins once).
+        fn match_returned<T>(ids: impl Iterator<Item = String>, mut returned: std::collections::HashMap<String, T>) -> Vec<Option<T>> {
+            ids.map(|id| returned.remove(&id)).collect()
+        }
+
+        /// Pending records, each inserted only if its identity token is live and its client
+        /// provisioned: one `INSERT … SELECT … FROM (VALUES …) WHERE EXISTS …` per batch.
+        async fn issue_batch(pool: sqlx::Pool<$db>, reqs: Vec<IssueRequest>) -> Result<Vec<bool>> {
+            let sql = format!(
+                "INSERT INTO connections (id, client_id, server_id, token_id, token_expires, client_address, \
+                 connected, alive, open, last_heartbeat, disconnected, report_url, created) \
+                 SELECT v.column1, v.column2, NULL, v.column3, v.column4, v.column5, NULL, FALSE, TRUE, NULL, NULL, \
+                 v.column6, v.column7 FROM (VALUES {}) AS v \
+                 WHERE EXISTS (SELECT 1 FROM tokens t WHERE t.id = v.column8 AND t.expires > v.column7) \
+                 AND EXISTS (SELECT 1 FROM clients c WHERE c.id = v.column2) RETURNING id",
+                values_list(reqs.len(), 8)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in &reqs {
+                q = q
+                    .bind(r.record.id.clone())
+                    .bind(r.record.client_id.clone())
+                    .bind(r.record.token_id.clone())
+                    .bind(r.token_expires.clone())
+                    .bind(r.record.client_address.clone())
+                    .bind(r.record.report_url.clone())
+                    .bind(r.record.created.clone())
+                    .bind(r.identity_token.clone());
+            }
+            let rows = q.fetch_all(&pool).await.map_err(db)?;
+            let mut returned = std::collections::HashMap::new();
+            for row in &rows {
+                let id: String = row.try_get("id").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                returned.insert(id, ());
+            }
+            Ok(match_returned(reqs.into_iter().map(|r| r.record.id), returned)
+                .into_iter()
+                .map(|r| r.is_some())
+                .collect())
+        }
+
+        /// Consumes connection tokens: one conditional `UPDATE … FROM (VALUES …) RETURNING`
+        /// per batch; a request whose row did not come back was refused.
+        async fn accept_batch(pool: sqlx::Pool<$db>, reqs: Vec<AcceptRequest>) -> Result<Vec<Option<ConnectionRecord>>> {
+            let sql = format!(
+                concat!("UPDATE connections SET token_used = TRUE, server_id = v.column3, \
+                 client_address = v.column4, connected = v.column5, alive = TRUE, last_heartbeat = v.column5 \
+                 FROM (VALUES {}) AS v WHERE connections.id = v.column1 AND connections.token_id = v.column2 \
+                 AND connections.token_used = FALSE AND connections.open AND connections.token_expires > v.column5 \
+                 RETURNING ", $crate::store::sql::conn_cols!()),
+                values_list(reqs.len(), 5)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in &reqs {
+                q = q
+                    .bind(r.id.clone())
+                    .bind(r.token_id.clone())
+                    .bind(r.server_id.clone())
+                    .bind(r.address.clone())
+                    .bind(r.now.clone());
+            }
+            let rows = q.fetch_all(&pool).await.map_err(db)?;
+            let mut returned = std::collections::HashMap::new();
+            for row in &rows {
+                let record = connection_from_row(row)?;
+                returned.insert(record.id.clone(), record);
+            }
+            Ok(match_returned(reqs.into_iter().map(|r| r.id), returned))
+        }
+
+        /// Closes records that are still open: one `UPDATE … FROM (VALUES …)` per batch.
+        async fn close_batch(pool: sqlx::Pool<$db>, reqs: Vec<CloseRequest>) -> Result<Vec<bool>> {
+            let sql = format!(
+                "UPDATE connections SET open = FALSE, alive = FALSE, disconnected = v.column2, \
+                 close_code = v.column3, close_reason = v.column4 FROM (VALUES {}) AS v \
+                 WHERE connections.id = v.column1 AND connections.open RETURNING id",
+                values_list(reqs.len(), 4)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in &reqs {
+                q = q
+                    .bind(r.id.clone())
+                    .bind(r.at.clone())
+                    .bind(i64::from(r.code))
+                    .bind(r.reason.clone());
+            }
+            let rows = q.fetch_all(&pool).await.map_err(db)?;
+            let mut returned = std::collections::HashMap::new();
+            for row in &rows {
+                let id: String = row.try_get("id").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                returned.insert(id, ());
+            }
+            Ok(match_returned(reqs.into_iter().map(|r| r.id), returned)
+                .into_iter()
+                .map(|r| r.is_some())
+                .collect())
         }
 
         #[async_trait]
@@ -517,29 +671,20 @@ macro_rules! sql_store {
                 }))
             }
 
-            async fn insert_connection(&self, r: &ConnectionRecord, token_expires: &str) -> Result<()> {
-                sqlx::query(
-                    "INSERT INTO connections (id, client_id, server_id, token_id, token_expires, client_address, \
-                     connected, alive, open, last_heartbeat, disconnected, report_url, created) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-                )
-                .bind(&r.id)
-                .bind(&r.client_id)
-                .bind(&r.server_id)
-                .bind(&r.token_id)
-                .bind(token_expires)
-                .bind(&r.client_address)
-                .bind(&r.connected)
-                .bind(r.alive)
-                .bind(r.open)
-                .bind(&r.last_heartbeat)
-                .bind(&r.disconnected)
-                .bind(&r.report_url)
-                .bind(&r.created)
-                .execute(&self.pool)
-                .await
-                .map_err(db)?;
-                Ok(())
+            async fn issue_connection(
+                &self,
+                record: &ConnectionRecord,
+                token_expires: &str,
+                identity_token: &str,
+            ) -> Result<bool> {
+                self.hot
+                    .issue
+                    .call(IssueRequest {
+                        record: record.clone(),
+                        token_expires: token_expires.to_string(),
+                        identity_token: identity_token.to_string(),
+                    })
+                    .await
             }
 
             async fn connection(&self, id: &str) -> Result<Option<ConnectionRecord>> {
@@ -574,19 +719,16 @@ macro_rules! sql_store {
                 address: &str,
                 now: &str,
             ) -> Result<Option<ConnectionRecord>> {
-                let row = sqlx::query(concat!("UPDATE connections SET token_used = TRUE, server_id = $3, client_address = $4, \
-                     connected = $5, alive = TRUE, last_heartbeat = $5 \
-                     WHERE id = $1 AND token_id = $2 AND token_used = FALSE AND open AND token_expires > $5 \
-                     RETURNING ", $crate::store::sql::conn_cols!(), ""))
-                .bind(id)
-                .bind(token_id)
-                .bind(server_id)
-                .bind(address)
-                .bind(now)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db)?;
-                row.as_ref().map(connection_from_row).transpose()
+                self.hot
+                    .accept
+                    .call(AcceptRequest {
+                        id: id.to_string(),
+                        token_id: token_id.to_string(),
+                        server_id: server_id.to_string(),
+                        address: address.to_string(),
+                        now: now.to_string(),
+                    })
+                    .await
             }
 
             async fn open_connections_of_client(
@@ -604,18 +746,15 @@ macro_rules! sql_store {
             }
 
             async fn close_connection(&self, id: &str, c: &CloseInfo<'_>) -> Result<bool> {
-                let r = sqlx::query(
-                    "UPDATE connections SET open = FALSE, alive = FALSE, disconnected = $2, close_code = $3, \
-                     close_reason = $4 WHERE id = $1 AND open",
-                )
-                .bind(id)
-                .bind(c.at)
-                .bind(i64::from(c.code))
-                .bind(c.reason)
-                .execute(&self.pool)
-                .await
-                .map_err(db)?;
-                Ok(r.rows_affected() == 1)
+                self.hot
+                    .close
+                    .call(CloseRequest {
+                        id: id.to_string(),
+                        at: c.at.to_string(),
+                        code: c.code,
+                        reason: c.reason.to_string(),
+                    })
+                    .await
             }
 
             async fn close_client_connections(

@@ -24,6 +24,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    hot: super::sql::HotPath,
 }
 
 impl SqliteStore {
@@ -58,7 +59,8 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(db)?;
-        let store = Self { pool };
+        let hot = Self::hot_path(&pool);
+        let store = Self { pool, hot };
         store.migrate().await?;
         Ok(store)
     }
@@ -68,4 +70,4 @@ impl SqliteStore {
     }
 }
 
-super::sql::sql_store!(SqliteStore, sqlx::sqlite::SqliteRow);
+super::sql::sql_store!(SqliteStore, sqlx::Sqlite, sqlx::sqlite::SqliteRow);
