@@ -18,6 +18,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../../migrations/postgres/0002_cluster.sql"),
     ),
+    (
+        3,
+        include_str!("../../migrations/postgres/0003_partial_indexes.sql"),
+    ),
 ];
 
 /// PostgreSQL-backed [`Store`](super::Store).

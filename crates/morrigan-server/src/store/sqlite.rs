@@ -18,6 +18,10 @@ use super::sql::db;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../../migrations/sqlite/0002_cluster.sql")),
+    (
+        3,
+        include_str!("../../migrations/sqlite/0003_partial_indexes.sql"),
+    ),
 ];
 
 /// SQLite-backed [`Store`].
@@ -50,7 +54,10 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(false);
+            .foreign_keys(false)
+            // The batched statements have one text per batch size (up to 32 each): room for
+            // them and everything else, so none is prepared twice.
+            .statement_cache_capacity(512);
         let pool = SqlitePoolOptions::new()
             .max_connections(max)
             .min_connections(1)
