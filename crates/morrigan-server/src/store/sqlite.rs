@@ -59,6 +59,9 @@ impl SqliteStore {
             // them and everything else, so none is prepared twice.
             .statement_cache_capacity(512);
         let pool = SqlitePoolOptions::new()
+            // An embedded database has no far end to lose: sqlx's default ping on every acquire
+            // doubled the round trips to the SQLite worker thread of every statement.
+            .test_before_acquire(false)
             .max_connections(max)
             .min_connections(1)
             .idle_timeout(None)
