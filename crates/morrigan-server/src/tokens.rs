@@ -61,6 +61,10 @@ pub enum KeyError {
     Store(#[from] StoreError),
 }
 
+/// Identity tokens whose signature this node has checked, at most this many (see
+/// [`Tokens::verify`]).
+const VERIFIED_IDENTITY_TOKENS: usize = 16_384;
+
 /// Signs tokens with this node's key and verifies anyone's.
 pub struct Tokens {
     node_id: String,
@@ -71,6 +75,8 @@ pub struct Tokens {
     public_key: [u8; 32],
     /// Verification keys by kid, filled from the store on a miss. Read-mostly.
     keys: RwLock<HashMap<String, Arc<VerifyingKey>>>,
+    /// Claims of identity tokens already verified, by SHA-256 of the token.
+    verified: dashmap::DashMap<[u8; 32], Claims>,
     store: Arc<dyn Store>,
     /// Counts issues and refusals (`morrigan_tokens_issued_total`, `..._token_refusals_total`).
     metrics: Option<Arc<crate::metrics::Metrics>>,
@@ -166,6 +172,7 @@ impl Tokens {
             signing,
             public_key,
             keys: RwLock::new(keys),
+            verified: dashmap::DashMap::new(),
             store,
             metrics: None,
         })
@@ -252,6 +259,11 @@ impl Tokens {
     }
 
     /// Verifies signature, audience and expiry (with [`LEEWAY_SECS`]).
+    ///
+    /// A device presents the same identity token at every reconnect, so the signature check of
+    /// an identity token is remembered (by the token's SHA-256, for up to
+    /// 16,384 tokens): a flapping device costs a hash instead of an Ed25519 verification.
+    /// Expiry is still checked every time, and revocation is the caller's store check.
     pub async fn verify(&self, token: &str, aud: &str) -> Result<Claims, TokenError> {
         let result = self.verify_inner(token, aud).await;
         if let (Err(e), Some(m)) = (&result, &self.metrics) {
@@ -264,6 +276,33 @@ impl Tokens {
         if token.len() > 4096 {
             return Err(TokenError::Malformed);
         }
+        if aud != audience::IDENTITY {
+            return self.check(token, aud).await;
+        }
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let known = self.verified.get(&digest).map(|c| c.clone());
+        let claims = match known {
+            Some(claims) => claims,
+            None => {
+                let claims = self.check(token, aud).await?;
+                // Bounded the simple way: when full, start over.
+                if self.verified.len() >= VERIFIED_IDENTITY_TOKENS {
+                    self.verified.clear();
+                }
+                self.verified.insert(digest, claims.clone());
+                claims
+            }
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if claims.exp.saturating_add(LEEWAY_SECS as i64) < now {
+            return Err(TokenError::Expired);
+        }
+        Ok(claims)
+    }
+
+    /// The full check: header, key, signature, audience, expiry.
+    async fn check(&self, token: &str, aud: &str) -> Result<Claims, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         if header.alg != Algorithm::EdDSA {
             return Err(TokenError::Invalid);
@@ -423,5 +462,30 @@ mod tests {
         ));
         let unsigned = format!("eyJhbGciOiJub25lIn0.{}.", parts[1]);
         assert!(t.verify(&unsigned, audience::IDENTITY).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn identity_tokens_are_remembered_but_expiry_is_rechecked() {
+        use sha2::Digest;
+        let t = tokens(7).await;
+        let issued = t.issue(audience::IDENTITY, "dev", 60, None).expect("issue");
+        assert!(t.verify(&issued.token, audience::IDENTITY).await.is_ok());
+        let digest: [u8; 32] = sha2::Sha256::digest(issued.token.as_bytes()).into();
+        assert!(t.verified.contains_key(&digest));
+        assert!(t.verify(&issued.token, audience::IDENTITY).await.is_ok());
+        // Remembered claims that have since expired are refused.
+        let mut old = issued.claims.clone();
+        old.exp = 1;
+        t.verified.insert(digest, old);
+        assert!(matches!(
+            t.verify(&issued.token, audience::IDENTITY).await,
+            Err(TokenError::Expired)
+        ));
+        // Other audiences are never remembered, and a remembered token is no pass for another
+        // audience.
+        let conn = t.issue(audience::CONNECTION, "c", 60, None).expect("issue");
+        assert!(t.verify(&conn.token, audience::CONNECTION).await.is_ok());
+        assert_eq!(t.verified.len(), 1);
+        assert!(t.verify(&issued.token, audience::USER).await.is_err());
     }
 }
