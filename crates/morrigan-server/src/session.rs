@@ -148,6 +148,8 @@ async fn run_inner(state: AppState, record: ConnectionRecord, mut socket: WebSoc
                 client_id: client_id.clone(),
                 state: state.clone(),
             };
+            // Not needed past the hooks: its strings would otherwise live as long as the socket.
+            drop(record);
             serve(&state, &ctx, &mut socket, &mut rx, &liveness).await
         }
         // A newer connection of this client was accepted while this one started.
@@ -241,7 +243,7 @@ async fn serve(
     state: &AppState,
     ctx: &MessageContext,
     socket: &mut WebSocket,
-    rx: &mut mpsc::Receiver<Command>,
+    rx: &mut mpsc::Receiver<Box<Command>>,
     liveness: &Arc<Liveness>,
 ) -> End {
     let period = state.config.heartbeat_interval;
@@ -251,7 +253,7 @@ async fn serve(
     let mut limit = RateLimit::new(state.config.max_messages_per_second);
     loop {
         tokio::select! {
-            cmd = rx.recv() => match cmd {
+            cmd = rx.recv() => match cmd.map(|c| *c) {
                 Some(Command::Send { text, ack }) => {
                     if socket.send(Message::Text(text.into())).await.is_err() {
                         return End::new(1006, "write failed");

@@ -465,7 +465,9 @@ async fn connect(
         Ok(Some(r)) => r,
     };
     let mut ws = ws
-        .read_buffer_size(4 * 1024)
+        // Small: tungstenite reserves a frame's full length when its header arrives, so this
+        // only bounds one read of small frames; it stays allocated for the socket's life.
+        .read_buffer_size(2 * 1024)
         .write_buffer_size(0)
         .max_write_buffer_size(s.config.max_message_size + 64 * 1024)
         .max_message_size(s.config.max_message_size)
