@@ -100,15 +100,23 @@ fn kind_label(aud: &str) -> &'static str {
     }
 }
 
-/// The payload of a JWT whose signature has been checked. `Claims` requires sub, iss, aud, iat,
-/// exp and jti: a token without them is malformed.
-fn claims_of(token: &str) -> Result<Claims, TokenError> {
-    let mut parts = token.split('.');
-    let payload = parts.nth(1).ok_or(TokenError::Malformed)?;
+/// The claims of a JWT whose signature has been checked, if its audience is `aud` and it has
+/// not expired (with [`LEEWAY_SECS`]). `Claims` requires sub, iss, aud, iat, exp and jti: a
+/// token without them is malformed.
+fn valid_claims(token: &str, aud: &str) -> Result<Claims, TokenError> {
+    let payload = token.split('.').nth(1).ok_or(TokenError::Malformed)?;
     let payload = URL_SAFE_NO_PAD
         .decode(payload)
         .map_err(|_| TokenError::Malformed)?;
-    serde_json::from_slice(&payload).map_err(|_| TokenError::Malformed)
+    let claims: Claims = serde_json::from_slice(&payload).map_err(|_| TokenError::Malformed)?;
+    if claims.aud != aud {
+        return Err(TokenError::Invalid);
+    }
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if claims.exp.saturating_add(LEEWAY_SECS as i64) < now {
+        return Err(TokenError::Expired);
+    }
+    Ok(claims)
 }
 
 fn kid_for(public_key: &[u8; 32]) -> String {
@@ -288,41 +296,31 @@ impl Tokens {
         if token.len() > 4096 {
             return Err(TokenError::Malformed);
         }
-        if aud != audience::IDENTITY {
-            return self.check(token, aud).await;
-        }
-        use sha2::Digest;
-        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
-        if !self.verified.contains(&digest) {
-            let claims = self.check(token, aud).await?;
-            // Bounded the simple way: when full, start over.
-            if self.verified.len() >= VERIFIED_IDENTITY_TOKENS {
-                self.verified.clear();
+        if aud == audience::IDENTITY {
+            use sha2::Digest;
+            let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+            if !self.verified.contains(&digest) {
+                self.check_signature(token).await?;
+                // Bounded the simple way: when full, start over.
+                if self.verified.len() >= VERIFIED_IDENTITY_TOKENS {
+                    self.verified.clear();
+                }
+                self.verified.insert(digest);
             }
-            self.verified.insert(digest);
-            return Ok(claims);
+        } else {
+            self.check_signature(token).await?;
         }
-        // This exact token was verified before: only its claims are read again.
-        let claims = claims_of(token)?;
-        if claims.aud != aud {
-            return Err(TokenError::Invalid);
-        }
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        if claims.exp.saturating_add(LEEWAY_SECS as i64) < now {
-            return Err(TokenError::Expired);
-        }
-        Ok(claims)
+        valid_claims(token, aud)
     }
 
-    /// The full check: header, key, signature, audience, expiry.
-    async fn check(&self, token: &str, aud: &str) -> Result<Claims, TokenError> {
+    /// Header, key and signature: nothing in the payload is trusted before this holds.
+    async fn check_signature(&self, token: &str) -> Result<(), TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         if header.alg != Algorithm::EdDSA {
             return Err(TokenError::Invalid);
         }
         let kid = header.kid.ok_or(TokenError::Malformed)?;
         let key = self.verifying_key(&kid).await?;
-        // The signature first: nothing in the payload is trusted before it holds.
         let (message, signature) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
         let signature = URL_SAFE_NO_PAD
             .decode(signature)
@@ -331,16 +329,7 @@ impl Tokens {
         // `verify`, not `verify_strict` (9 µs more here): the keys are our nodes' own, and a
         // malleated signature would carry the same claims, so the same `jti` and record.
         key.verify(message.as_bytes(), &signature)
-            .map_err(|_| TokenError::Invalid)?;
-        let claims = claims_of(token)?;
-        if claims.aud != aud {
-            return Err(TokenError::Invalid);
-        }
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        if claims.exp.saturating_add(LEEWAY_SECS as i64) < now {
-            return Err(TokenError::Expired);
-        }
-        Ok(claims)
+            .map_err(|_| TokenError::Invalid)
     }
 
     /// The JSON Web Key Set of every signing key in the store.

@@ -69,4 +69,4 @@ impl PgStore {
     }
 }
 
-super::sql::sql_store!(PgStore, sqlx::Postgres, sqlx::postgres::PgRow);
+super::sql::sql_store!(PgStore, sqlx::Postgres, sqlx::postgres::PgRow, numbered: true);

@@ -50,8 +50,8 @@ pub(crate) struct CloseRequest {
     pub reason: String,
 }
 
-/// Rows per multi-row statement. Small: sqlx-sqlite resolves every placeholder by name, which
-/// costs O(n) per parameter in SQLite (O(n²) per statement).
+/// Rows per multi-row statement. Each row count is its own statement text, prepared and cached
+/// per pooled connection, so this also bounds those caches.
 pub(crate) const BATCH_ROWS: usize = 32;
 
 /// The batched writes of a connection's life: token exchange, accept and close (see
@@ -105,7 +105,7 @@ pub(crate) use migrate;
 /// Implements [`Store`](super::Store) for `$store` (a struct with a `pool: sqlx::Pool<$db>`
 /// field and a `hot: HotPath` field made by `$store::hot_path`) whose rows are `$row`.
 macro_rules! sql_store {
-    ($store:ident, $db:ty, $row:ty) => {
+    ($store:ident, $db:ty, $row:ty, numbered: $numbered:expr) => {
         mod sql_impl {
             use super::$store;
             use async_trait::async_trait;
@@ -225,6 +225,16 @@ macro_rules! sql_store {
             ids.map(|id| returned.remove(&id)).collect()
         }
 
+        /// For statements that return `id`: whether each request's row came back.
+        fn returned_ids(ids: impl Iterator<Item = String>, rows: &[$row]) -> Result<Vec<bool>> {
+            let mut returned = std::collections::HashMap::new();
+            for row in rows {
+                let id: String = row.try_get("id").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                returned.insert(id, ());
+            }
+            Ok(match_returned(ids, returned).into_iter().map(|r| r.is_some()).collect())
+        }
+
         /// Pending records, each inserted only if its identity token is live and its client
         /// provisioned: one `INSERT … SELECT … FROM (VALUES …) WHERE EXISTS …` per batch.
         async fn issue_batch(pool: sqlx::Pool<$db>, reqs: Vec<IssueRequest>) -> Result<Vec<bool>> {
@@ -235,7 +245,7 @@ macro_rules! sql_store {
                  v.column6, v.column7 FROM (VALUES {}) AS v \
                  WHERE EXISTS (SELECT 1 FROM tokens t WHERE t.id = v.column8 AND t.expires > v.column7) \
                  AND EXISTS (SELECT 1 FROM clients c WHERE c.id = v.column2) RETURNING id",
-                values_list(reqs.len(), 8)
+                values_list(reqs.len(), 8, $numbered)
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for r in &reqs {
@@ -250,15 +260,7 @@ macro_rules! sql_store {
                     .bind(r.identity_token.clone());
             }
             let rows = q.fetch_all(&pool).await.map_err(db)?;
-            let mut returned = std::collections::HashMap::new();
-            for row in &rows {
-                let id: String = row.try_get("id").map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                returned.insert(id, ());
-            }
-            Ok(match_returned(reqs.into_iter().map(|r| r.record.id), returned)
-                .into_iter()
-                .map(|r| r.is_some())
-                .collect())
+            returned_ids(reqs.into_iter().map(|r| r.record.id), &rows)
         }
 
         /// Consumes connection tokens: one conditional `UPDATE … FROM (VALUES …) RETURNING`
@@ -270,7 +272,7 @@ macro_rules! sql_store {
                  FROM (VALUES {}) AS v WHERE connections.id = v.column1 AND connections.token_id = v.column2 \
                  AND connections.token_used = FALSE AND connections.open AND connections.token_expires > v.column5 \
                  RETURNING ", $crate::store::sql::conn_cols!()),
-                values_list(reqs.len(), 5)
+                values_list(reqs.len(), 5, $numbered)
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for r in &reqs {
@@ -296,7 +298,7 @@ macro_rules! sql_store {
                 "UPDATE connections SET open = FALSE, alive = FALSE, disconnected = v.column2, \
                  close_code = v.column3, close_reason = v.column4 FROM (VALUES {}) AS v \
                  WHERE connections.id = v.column1 AND connections.open RETURNING id",
-                values_list(reqs.len(), 4)
+                values_list(reqs.len(), 4, $numbered)
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for r in &reqs {
@@ -307,15 +309,7 @@ macro_rules! sql_store {
                     .bind(r.reason.clone());
             }
             let rows = q.fetch_all(&pool).await.map_err(db)?;
-            let mut returned = std::collections::HashMap::new();
-            for row in &rows {
-                let id: String = row.try_get("id").map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                returned.insert(id, ());
-            }
-            Ok(match_returned(reqs.into_iter().map(|r| r.id), returned)
-                .into_iter()
-                .map(|r| r.is_some())
-                .collect())
+            returned_ids(reqs.into_iter().map(|r| r.id), &rows)
         }
 
         #[async_trait]
@@ -793,27 +787,19 @@ macro_rules! sql_store {
                 // One statement per chunk (`UPDATE … FROM (VALUES …)`, portable to SQLite ≥ 3.33
                 // and PostgreSQL, whose VALUES columns are both named column1..3), instead of one
                 // per connection: the flush is the only steady write of an idle fleet.
-                // Small chunks: sqlx-sqlite resolves every placeholder by name, which costs O(n)
-                // per parameter in SQLite (O(n²) per statement): 600 parameters cost more than
-                // the rows they update.
-                const CHUNK: usize = 32;
+                // Chunks of 32: at most 32 statement texts to prepare and cache per connection.
+                const CHUNK: usize = BATCH_ROWS;
                 if beats.is_empty() {
                     return Ok(());
                 }
                 let mut tx = self.pool.begin().await.map_err(db)?;
                 for chunk in beats.chunks(CHUNK) {
-                    let mut sql = String::from(
+                    let sql = format!(
                         "UPDATE connections SET alive = v.column2, \
-                         last_heartbeat = COALESCE(v.column3, connections.last_heartbeat) FROM (VALUES ",
+                         last_heartbeat = COALESCE(v.column3, connections.last_heartbeat) \
+                         FROM (VALUES {}) AS v WHERE connections.id = v.column1 AND connections.open",
+                        values_list(chunk.len(), 3, $numbered)
                     );
-                    for i in 0..chunk.len() {
-                        if i > 0 {
-                            sql.push_str(", ");
-                        }
-                        let n = i * 3;
-                        sql.push_str(&format!("(${}, ${}, ${})", n + 1, n + 2, n + 3));
-                    }
-                    sql.push_str(") AS v WHERE connections.id = v.column1 AND connections.open");
                     // Only placeholders are interpolated; every value is bound.
                     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
                     for b in chunk {

@@ -80,4 +80,4 @@ impl SqliteStore {
     }
 }
 
-super::sql::sql_store!(SqliteStore, sqlx::Sqlite, sqlx::sqlite::SqliteRow);
+super::sql::sql_store!(SqliteStore, sqlx::Sqlite, sqlx::sqlite::SqliteRow, numbered: false);
