@@ -128,6 +128,13 @@ impl Store for MeteredStore {
             .store_duration("insert_token", r.is_ok(), started.elapsed());
         r
     }
+    async fn set_token_digest(&self, id: &str, digest: &str) -> Result<bool> {
+        let started = Instant::now();
+        let r = self.inner.set_token_digest(id, digest).await;
+        self.metrics
+            .store_duration("set_token_digest", r.is_ok(), started.elapsed());
+        r
+    }
     async fn live_token(&self, id: &str, now: &str) -> Result<Option<TokenRow>> {
         let started = Instant::now();
         let r = self.inner.live_token(id, now).await;
@@ -229,13 +236,21 @@ impl Store for MeteredStore {
     async fn issue_connection(
         &self,
         record: &ConnectionRecord,
+        token_digest: &str,
         token_expires: &str,
         identity_token: &str,
+        identity: Proof<'_>,
     ) -> Result<bool> {
         let started = Instant::now();
         let r = self
             .inner
-            .issue_connection(record, token_expires, identity_token)
+            .issue_connection(
+                record,
+                token_digest,
+                token_expires,
+                identity_token,
+                identity,
+            )
             .await;
         self.metrics
             .store_duration("issue_connection", r.is_ok(), started.elapsed());
@@ -259,6 +274,7 @@ impl Store for MeteredStore {
         &self,
         id: &str,
         token_id: &str,
+        proof: Proof<'_>,
         server_id: &str,
         address: &str,
         now: &str,
@@ -266,7 +282,7 @@ impl Store for MeteredStore {
         let started = Instant::now();
         let r = self
             .inner
-            .accept_connection(id, token_id, server_id, address, now)
+            .accept_connection(id, token_id, proof, server_id, address, now)
             .await;
         self.metrics
             .store_duration("accept_connection", r.is_ok(), started.elapsed());

@@ -441,3 +441,90 @@ async fn concurrent_sends_all_arrive() {
     seen.sort();
     assert_eq!(seen, (0..20).collect::<Vec<_>>());
 }
+
+/// `jwt` with its payload's `iat` moved by one second and the original signature: the same
+/// `jti` and subject, so only the signature (or the recorded digest) tells it apart.
+fn tampered(jwt: &str) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut claims = common::claims(jwt);
+    claims["iat"] = json!(claims["iat"].as_i64().unwrap() - 1);
+    let parts: Vec<&str> = jwt.split('.').collect();
+    let payload = b64.encode(serde_json::to_vec(&claims).unwrap());
+    format!("{}.{payload}.{}", parts[0], parts[2])
+}
+
+#[tokio::test]
+async fn a_tampered_token_is_refused_at_both_steps_and_consumes_nothing() {
+    let node = Node::start().await;
+    let identity = node.provision("dev").await;
+
+    // Identity token: the exchange is refused (the stored digest does not match; the signature
+    // check says why) and writes no record.
+    let (status, body) = node.connection_token(&tampered(&identity)).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["state"], "authenticationfailed");
+    assert!(
+        body["reason"].as_str().unwrap().contains("invalid"),
+        "{body}"
+    );
+    let (_, records) = node
+        .get("/api/core/connection?clientId=dev", &node.admin)
+        .await;
+    assert_eq!(records.as_array().unwrap().len(), 0, "{records}");
+
+    // Connection token: refused with 401, and the genuine token is still unused.
+    let token = node.token(&identity).await;
+    let (status, body) = common::refused(node.ws_connect(&tampered(&token), How::Origin).await);
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["reason"].as_str().unwrap().contains("invalid"),
+        "{body}"
+    );
+    let (mut ws, _) = node.ws_connect(&token, How::Origin).await.expect("genuine");
+    assert_eq!(common::next_json(&mut ws).await["state"], "accepted");
+}
+
+#[tokio::test]
+async fn tokens_recorded_before_digests_were_kept_still_work() {
+    let node = Node::start().await;
+    let identity = node.provision("dev").await;
+    let pending = node.token(&identity).await;
+    // As a database written by an earlier version: no digests.
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        node.data_dir().join("morrigan.db").display()
+    ))
+    .await
+    .expect("open the node's database");
+    sqlx::query("UPDATE tokens SET digest = NULL")
+        .execute(&db)
+        .await
+        .expect("forget token digests");
+    sqlx::query("UPDATE connections SET token_digest = NULL")
+        .execute(&db)
+        .await
+        .expect("forget connection digests");
+
+    // The pending connection's token is accepted by its signature, once.
+    let (mut ws, _) = node
+        .ws_connect(&pending, How::Origin)
+        .await
+        .expect("old record");
+    assert_eq!(common::next_json(&mut ws).await["state"], "accepted");
+    let (status, body) = common::refused(node.ws_connect(&pending, How::Origin).await);
+    assert_eq!(status, 403, "{body}");
+
+    // The identity token is accepted by its signature and gets its digest.
+    let device = node.connect_device("dev", &identity).await;
+    assert_eq!(node.record(&device.id).await["open"], true);
+    let digest: Option<String> =
+        sqlx::query_scalar("SELECT digest FROM tokens WHERE kind = 'identity'")
+            .fetch_one(&db)
+            .await
+            .expect("read the digest");
+    assert!(digest.is_some_and(|d| d.len() == 43));
+    // A tampered copy is still refused.
+    let (status, _) = node.connection_token(&tampered(&identity)).await;
+    assert_eq!(status, 403);
+}

@@ -7,7 +7,40 @@ use futures_util::future::join_all;
 use morrigan_protocol::records::ConnectionRecord;
 use morrigan_server::store::postgres::PgStore;
 use morrigan_server::store::sqlite::SqliteStore;
-use morrigan_server::store::{CloseInfo, Heartbeat, NodeRow, Store, TokenKind, TokenRow};
+use morrigan_server::store::{
+    CloseInfo, Heartbeat, NodeRow, Proof, Result, Store, TokenKind, TokenRow,
+};
+
+const FAR: &str = "2999-01-01T00:00:00.000Z";
+/// The identity token's recorded digest.
+const ID_DIGEST: &str = "identity-digest";
+const ID_PROOF: Proof<'static> = Proof::Digest(ID_DIGEST);
+
+/// Records `record` as pending; its connection token's digest is `d-<token_id>`.
+async fn issue(
+    store: &dyn Store,
+    record: &ConnectionRecord,
+    identity: &str,
+    proof: Proof<'_>,
+) -> Result<bool> {
+    let digest = format!("d-{}", record.token_id);
+    store
+        .issue_connection(record, &digest, FAR, identity, proof)
+        .await
+}
+
+/// Accepts connection `id` with token `token`, proven by the digest `d-<token>`.
+async fn accept(
+    store: &dyn Store,
+    id: &str,
+    token: &str,
+    at: &str,
+) -> Result<Option<ConnectionRecord>> {
+    let digest = format!("d-{token}");
+    store
+        .accept_connection(id, token, Proof::Digest(&digest), "node-1", "127.0.0.1", at)
+        .await
+}
 
 fn pending(id: &str, token: &str) -> ConnectionRecord {
     ConnectionRecord {
@@ -29,7 +62,7 @@ fn pending(id: &str, token: &str) -> ConnectionRecord {
 }
 
 async fn exercise(store: Arc<dyn Store>) {
-    let far = "2999-01-01T00:00:00.000Z";
+    let far = FAR;
     store
         .upsert_client("dev", "2026-01-01T00:00:00.000Z")
         .await
@@ -42,6 +75,7 @@ async fn exercise(store: Arc<dyn Store>) {
             issuer: "node-1".into(),
             issued: "2026-01-01T00:00:00.000Z".into(),
             expires: far.into(),
+            digest: Some(ID_DIGEST.into()),
         })
         .await
         .expect("identity token");
@@ -50,13 +84,13 @@ async fn exercise(store: Arc<dyn Store>) {
     let issued = join_all((0..450).map(|i| {
         let store = store.clone();
         async move {
-            store
-                .issue_connection(
-                    &pending(&format!("c{i}"), &format!("t{i}")),
-                    far,
-                    "identity-1",
-                )
-                .await
+            issue(
+                &*store,
+                &pending(&format!("c{i}"), &format!("t{i}")),
+                "identity-1",
+                ID_PROOF,
+            )
+            .await
         }
     }))
     .await;
@@ -64,15 +98,13 @@ async fn exercise(store: Arc<dyn Store>) {
     let accepted = join_all((0..450).map(|i| {
         let store = store.clone();
         async move {
-            store
-                .accept_connection(
-                    &format!("c{i}"),
-                    &format!("t{i}"),
-                    "node-1",
-                    "127.0.0.1",
-                    "2026-01-01T00:00:01.000Z",
-                )
-                .await
+            accept(
+                &*store,
+                &format!("c{i}"),
+                &format!("t{i}"),
+                "2026-01-01T00:00:01.000Z",
+            )
+            .await
         }
     }))
     .await;
@@ -82,78 +114,149 @@ async fn exercise(store: Arc<dyn Store>) {
         assert_eq!(record.server_id.as_deref(), Some("node-1"));
     }
     // Single use: the same token again is refused.
-    let again = store
-        .accept_connection(
-            "c0",
-            "t0",
-            "node-1",
-            "127.0.0.1",
-            "2026-01-01T00:00:02.000Z",
-        )
+    let again = accept(&*store, "c0", "t0", "2026-01-01T00:00:02.000Z")
         .await
         .expect("accept again");
     assert!(again.is_none());
     // One fresh token presented eight times at once (so in one batch): accepted exactly once.
     assert!(
-        store
-            .issue_connection(&pending("race", "t-race"), far, "identity-1")
+        issue(&*store, &pending("race", "t-race"), "identity-1", ID_PROOF)
             .await
             .expect("issue race")
     );
     let racing = join_all((0..8).map(|_| {
         let store = store.clone();
-        async move {
-            store
-                .accept_connection(
-                    "race",
-                    "t-race",
-                    "node-1",
-                    "127.0.0.1",
-                    "2026-01-01T00:00:03.000Z",
-                )
-                .await
-        }
+        async move { accept(&*store, "race", "t-race", "2026-01-01T00:00:03.000Z").await }
     }))
     .await;
     let winners = racing.iter().filter(|r| matches!(r, Ok(Some(_)))).count();
     assert_eq!(winners, 1, "{racing:?}");
     // A wrong token for the record is refused.
     assert!(
-        store
-            .issue_connection(&pending("wrong", "t-wrong"), far, "identity-1")
-            .await
-            .expect("issue wrong")
+        issue(
+            &*store,
+            &pending("wrong", "t-wrong"),
+            "identity-1",
+            ID_PROOF
+        )
+        .await
+        .expect("issue wrong")
     );
     assert!(
-        store
-            .accept_connection(
-                "wrong",
-                "t-other",
-                "node-1",
-                "127.0.0.1",
-                "2026-01-01T00:00:03.000Z"
-            )
+        accept(&*store, "wrong", "t-other", "2026-01-01T00:00:03.000Z")
             .await
             .expect("accept wrong")
             .is_none()
     );
     // No pending record without a live identity token, or for a deprovisioned client.
     assert!(
-        !store
-            .issue_connection(&pending("x1", "tx1"), far, "no-such-token")
+        !issue(&*store, &pending("x1", "tx1"), "no-such-token", ID_PROOF)
             .await
             .expect("issue unknown token")
     );
     let mut stranger = pending("x2", "tx2");
     stranger.client_id = "stranger".into();
     assert!(
-        !store
-            .issue_connection(&stranger, far, "identity-1")
+        !issue(&*store, &stranger, "identity-1", ID_PROOF)
             .await
             .expect("issue unknown client")
     );
     assert!(store.connection("x1").await.expect("read").is_none());
     assert!(store.connection("x2").await.expect("read").is_none());
+
+    // Possession: a token whose digest is not the recorded one is refused at both steps; the
+    // signature (checked by the caller) stands in for tokens recorded without a digest.
+    assert!(
+        !issue(
+            &*store,
+            &pending("x3", "tx3"),
+            "identity-1",
+            Proof::Digest("forged")
+        )
+        .await
+        .expect("issue forged")
+    );
+    assert!(store.connection("x3").await.expect("read").is_none());
+    assert!(
+        issue(
+            &*store,
+            &pending("sig", "t-sig"),
+            "identity-1",
+            Proof::Signature
+        )
+        .await
+        .expect("issue by signature")
+    );
+    let forged = store
+        .accept_connection(
+            "sig",
+            "t-sig",
+            Proof::Digest("d-forged"),
+            "node-1",
+            "127.0.0.1",
+            "2026-01-01T00:00:03.000Z",
+        )
+        .await
+        .expect("accept forged");
+    assert!(forged.is_none());
+    let signed = store
+        .accept_connection(
+            "sig",
+            "t-sig",
+            Proof::Signature,
+            "node-1",
+            "127.0.0.1",
+            "2026-01-01T00:00:03.000Z",
+        )
+        .await
+        .expect("accept by signature");
+    assert!(signed.is_some());
+    // A token recorded before digests were kept gets one, once.
+    store
+        .insert_token(&TokenRow {
+            id: "identity-old".into(),
+            kind: TokenKind::Identity,
+            subject: "dev".into(),
+            issuer: "node-1".into(),
+            issued: "2026-01-01T00:00:00.000Z".into(),
+            expires: far.into(),
+            digest: None,
+        })
+        .await
+        .expect("old identity token");
+    assert!(
+        !issue(&*store, &pending("x4", "tx4"), "identity-old", ID_PROOF)
+            .await
+            .expect("issue old by digest")
+    );
+    assert!(
+        store
+            .set_token_digest("identity-old", "old-digest")
+            .await
+            .expect("set")
+    );
+    assert!(
+        !store
+            .set_token_digest("identity-old", "again")
+            .await
+            .expect("set again")
+    );
+    let old = store
+        .live_token("identity-old", "2026-01-01T00:00:00.000Z")
+        .await
+        .expect("read token")
+        .expect("live");
+    assert_eq!(old.digest.as_deref(), Some("old-digest"));
+    assert!(
+        issue(
+            &*store,
+            &pending("x4", "tx4"),
+            "identity-old",
+            Proof::Digest("old-digest")
+        )
+        .await
+        .expect("issue old by its new digest")
+    );
 
     let beats: Vec<Heartbeat> = (0..450)
         .map(|i| Heartbeat {

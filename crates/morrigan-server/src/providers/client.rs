@@ -121,7 +121,7 @@ pub async fn issue_identity_token(
         )
         .map_err(|e| HandlerError::Failed(e.to_string()))?;
     s.store
-        .insert_token(&TokenRow::from_claims(TokenKind::Identity, &issued.claims))
+        .insert_token(&TokenRow::issued(TokenKind::Identity, &issued))
         .await?;
     s.store
         .set_client_token(client_id, &issued.claims.jti, &time_format::now())

@@ -49,7 +49,7 @@ pub async fn issue_user_token(s: &AppState, identity_id: &str) -> ApiResult<Stri
         )
         .map_err(|e| ApiError::internal(e.to_string()))?;
     s.store
-        .insert_token(&TokenRow::from_claims(TokenKind::User, &issued.claims))
+        .insert_token(&TokenRow::issued(TokenKind::User, &issued))
         .await?;
     Ok(issued.token)
 }

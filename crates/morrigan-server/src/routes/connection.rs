@@ -27,8 +27,8 @@ use crate::cluster;
 use crate::error::{ApiError, ApiResult};
 use crate::hub::SendError;
 use crate::state::AppState;
-use crate::store::{CloseInfo, ConnectionFilter};
-use crate::tokens::TokenError;
+use crate::store::{CloseInfo, ConnectionFilter, Proof};
+use crate::tokens::{self, TokenError};
 
 /// How long a REST send waits for the frame to be written.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,6 +54,19 @@ fn identity_token(headers: &HeaderMap) -> Option<&str> {
     (!token.is_empty()).then_some(token)
 }
 
+/// A refused token exchange (403, as the original's devices expect).
+fn identity_refused(reason: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "authenticationfailed", reason.into())
+}
+
+fn identity_error(e: TokenError, peer: SocketAddr) -> ApiError {
+    if let TokenError::Store(e) = e {
+        return e.into();
+    }
+    tracing::info!(%peer, reason = %e, "identity token refused");
+    identity_refused(format!("Identity token refused: {e}."))
+}
+
 /// Exchanges a device's identity token for a single-use connection token (60 s by default)
 /// whose `reportUrl` claim names the WebSocket endpoint.
 #[utoipa::path(post, path = "/api/core/connection", tag = "connection",
@@ -71,16 +84,23 @@ async fn request_token(
         s.tokens.refused(audience::IDENTITY, "missing");
         ApiError::bad_request("No token provided.")
     })?;
-    let refused =
-        |reason: String| ApiError::new(StatusCode::FORBIDDEN, "authenticationfailed", reason);
-    let claims = match s.tokens.verify(token, audience::IDENTITY).await {
-        Ok(c) => c,
-        Err(TokenError::Store(e)) => return Err(e.into()),
+    // Read, not yet trusted: the insert below requires the digest recorded when this token was
+    // issued, which proves it is the token a node signed (see tokens.rs). A refusal runs the
+    // full signature check to say why.
+    let presented = match s.tokens.presented(token, audience::IDENTITY) {
+        Ok(p) => p,
         Err(e) => {
-            tracing::info!(%peer, reason = %e, "identity token refused");
-            return Err(refused(format!("Identity token refused: {e}.")));
+            // The full check states the reason (and counts the refusal).
+            let e = s
+                .tokens
+                .verify(token, audience::IDENTITY)
+                .await
+                .err()
+                .unwrap_or(e);
+            return Err(identity_error(e, peer));
         }
     };
+    let claims = &presented.claims;
     let now_s = time_format::now();
     let id = uuid::Uuid::new_v4().to_string();
     let report_url = s.report_url();
@@ -109,19 +129,56 @@ async fn request_token(
         close_reason: None,
     };
     // Written before answering, so the device can never connect before its record exists (F8).
-    // One statement checks the identity token's record and the client and inserts the pending
-    // record; only a refusal reads which check failed.
-    if !s
+    // One statement checks the identity token's record (and digest) and the client and inserts
+    // the pending record; only a refusal reads which check failed.
+    let token_digest = tokens::digest(&issued.token);
+    let inserted = s
         .store
-        .issue_connection(&record, &expires, &claims.jti)
-        .await?
-    {
-        if s.store.live_token(&claims.jti, &now_s).await?.is_none() {
+        .issue_connection(
+            &record,
+            &token_digest,
+            &expires,
+            &claims.jti,
+            Proof::Digest(&presented.digest),
+        )
+        .await?;
+    if !inserted {
+        // The rare path: check the signature, then the record, to say why; a token recorded
+        // before digests were kept is let through by its signature and gets its digest.
+        let claims = s
+            .tokens
+            .verify(token, audience::IDENTITY)
+            .await
+            .map_err(|e| identity_error(e, peer))?;
+        let live = s.store.live_token(&claims.jti, &now_s).await?;
+        let Some(live) = live else {
             s.tokens.refused(audience::IDENTITY, "revoked");
-            return Err(refused("Identity token has been revoked.".into()));
+            return Err(identity_refused("Identity token has been revoked."));
+        };
+        if live.digest.as_ref().is_some_and(|d| d != &presented.digest) {
+            // Signed, live, but not the text recorded for it: cannot happen with our encoder.
+            s.tokens.refused(audience::IDENTITY, "invalid");
+            return Err(identity_refused(
+                "Identity token refused: it is not the token issued.",
+            ));
         }
-        s.tokens.refused(audience::IDENTITY, "deprovisioned");
-        return Err(refused("Client is no longer provisioned.".into()));
+        let legacy = live.digest.is_none()
+            && s.store
+                .issue_connection(
+                    &record,
+                    &token_digest,
+                    &expires,
+                    &claims.jti,
+                    Proof::Signature,
+                )
+                .await?;
+        if !legacy {
+            s.tokens.refused(audience::IDENTITY, "deprovisioned");
+            return Err(identity_refused("Client is no longer provisioned."));
+        }
+        s.store
+            .set_token_digest(&claims.jti, &presented.digest)
+            .await?;
     }
     tracing::debug!(client = %claims.sub, connection = %id, "connection token issued");
     Ok(Json(TokenResponse {
@@ -368,6 +425,18 @@ fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
     ApiError::new(status, state, reason).into_response()
 }
 
+/// A refused connection token: 401 with the reason.
+fn connection_error(e: TokenError, peer: SocketAddr) -> Response {
+    if let TokenError::Store(e) = e {
+        return ApiError::from(e).into_response();
+    }
+    tracing::info!(%peer, reason = %e, "connection token refused");
+    refuse(
+        StatusCode::UNAUTHORIZED,
+        format!("Connection token refused: {e}."),
+    )
+}
+
 /// The WebSocket endpoint (every connection token's `reportUrl`). The connection token is
 /// checked and consumed *before* the upgrade: a refused token gets 401/403 with a JSON reason,
 /// never a silent close. The first frame of an accepted socket is
@@ -407,15 +476,27 @@ async fn connect(
              sub-protocol 'morrigan.token.<token>'.",
         );
     };
-    let claims = match s.tokens.verify(&token, audience::CONNECTION).await {
-        Ok(c) => c,
-        Err(TokenError::Store(e)) => return ApiError::from(e).into_response(),
-        Err(e) => {
-            tracing::info!(%peer, reason = %e, "connection token refused");
-            return refuse(
-                StatusCode::UNAUTHORIZED,
-                format!("Connection token refused: {e}."),
-            );
+    // Without an embedder's hooks the token is read, not yet trusted: the accept below requires
+    // the digest recorded with its record (see tokens.rs). Hooks see the record before that
+    // statement, so with them the signature is checked first, as the accept's proof.
+    let (claims, digest) = if s.embedder_hooks {
+        match s.tokens.verify(&token, audience::CONNECTION).await {
+            Ok(c) => (c, None),
+            Err(e) => return connection_error(e, peer),
+        }
+    } else {
+        match s.tokens.presented(&token, audience::CONNECTION) {
+            Ok(p) => (p.claims, Some(p.digest)),
+            Err(e) => {
+                // The full check states the reason (and counts the refusal).
+                let e = s
+                    .tokens
+                    .verify(&token, audience::CONNECTION)
+                    .await
+                    .err()
+                    .unwrap_or(e);
+                return connection_error(e, peer);
+            }
         }
     };
     // Hooks see the pending record before the token is consumed (F10). Without an embedder's
@@ -442,17 +523,31 @@ async fn connect(
         }
     }
     let now = time_format::now();
-    let accepted = match s
+    let address = cluster::client_address(&s, peer, &headers);
+    let proof = digest.as_deref().map_or(Proof::Signature, Proof::Digest);
+    let mut accepted = s
         .store
-        .accept_connection(
-            &claims.sub,
-            &claims.jti,
-            &s.node_id,
-            &cluster::client_address(&s, peer, &headers),
-            &now,
-        )
-        .await
-    {
+        .accept_connection(&claims.sub, &claims.jti, proof, &s.node_id, &address, &now)
+        .await;
+    if matches!(accepted, Ok(None)) && digest.is_some() {
+        // Refused: a forged token, a replay, or a record written before digests were kept. The
+        // signature tells the first apart; the accept, with it as proof, the other two.
+        if let Err(e) = s.tokens.verify(&token, audience::CONNECTION).await {
+            return connection_error(e, peer);
+        }
+        accepted = s
+            .store
+            .accept_connection(
+                &claims.sub,
+                &claims.jti,
+                Proof::Signature,
+                &s.node_id,
+                &address,
+                &now,
+            )
+            .await;
+    }
+    let accepted = match accepted {
         Err(e) => return ApiError::from(e).into_response(),
         Ok(None) => {
             tracing::info!(%peer, connection = %claims.sub, "connection token replayed or closed");

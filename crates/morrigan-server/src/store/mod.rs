@@ -31,6 +31,26 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// What shows that a presented token is the one a node issued, for the statements that
+/// consume it ([`Store::issue_connection`], [`Store::accept_connection`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proof<'a> {
+    /// The token's [`crate::tokens::digest`]: the statement requires the stored one to match.
+    Digest(&'a str),
+    /// The caller checked the signature (tokens recorded before digests were kept).
+    Signature,
+}
+
+impl Proof<'_> {
+    /// The digest to bind: `NULL` makes the statement's digest condition hold.
+    pub(crate) fn digest(self) -> Option<String> {
+        match self {
+            Proof::Digest(d) => Some(d.to_string()),
+            Proof::Signature => None,
+        }
+    }
+}
+
 /// The kinds of token the server issues; each has its own lifetime and audience.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenKind {
@@ -59,10 +79,21 @@ pub struct TokenRow {
     pub issuer: String,
     pub issued: String,
     pub expires: String,
+    /// [`crate::tokens::digest`] of the token's text; `None` for tokens recorded before digests
+    /// were kept.
+    pub digest: Option<String>,
 }
 
 impl TokenRow {
-    /// The record of a token just issued (its `jti`, `sub`, `iss`, `iat` and `exp`).
+    /// The record of a token just issued (its `jti`, `sub`, `iss`, `iat`, `exp` and digest).
+    pub fn issued(kind: TokenKind, issued: &crate::tokens::Issued) -> Self {
+        Self {
+            digest: Some(crate::tokens::digest(&issued.token)),
+            ..Self::from_claims(kind, &issued.claims)
+        }
+    }
+
+    /// The record of a token from its claims, without a digest.
     pub fn from_claims(kind: TokenKind, claims: &morrigan_protocol::api::Claims) -> Self {
         let at = |t: i64| {
             time::OffsetDateTime::from_unix_timestamp(t)
@@ -76,6 +107,7 @@ impl TokenRow {
             issuer: claims.iss.clone(),
             issued: at(claims.iat),
             expires: at(claims.exp),
+            digest: None,
         }
     }
 }
@@ -171,6 +203,9 @@ pub trait Store: Send + Sync + 'static {
 
     // --- revocable tokens ---
     async fn insert_token(&self, row: &TokenRow) -> Result<()>;
+    /// Records the digest of a token recorded without one (before digests were kept), once its
+    /// signature has been checked; false if it has one already or does not exist.
+    async fn set_token_digest(&self, id: &str, digest: &str) -> Result<bool>;
     /// The token's record if it exists and has not expired at `now`.
     async fn live_token(&self, id: &str, now: &str) -> Result<Option<TokenRow>>;
     /// Deletes every token of `subject` of this kind except `keep`.
@@ -204,25 +239,30 @@ pub trait Store: Send + Sync + 'static {
     async fn capabilities(&self, id: &str) -> Result<Option<ClientCapabilities>>;
 
     // --- connections ---
-    /// Inserts a pending connection (token issued, not yet used) whose token expires at
-    /// `token_expires`, if and only if the identity token `identity_token` is live at
-    /// `record.created` and `record.client_id` is still provisioned: false otherwise, and the
-    /// caller reads which (the rare path). One statement, batched with concurrent exchanges.
+    /// Inserts a pending connection (token issued, not yet used) whose token has the digest
+    /// `token_digest` and expires at `token_expires`, if and only if the identity token
+    /// `identity_token` is live at `record.created` (and matches `identity`) and
+    /// `record.client_id` is still provisioned: false otherwise, and the caller reads which (the
+    /// rare path). One statement, batched with concurrent exchanges.
     async fn issue_connection(
         &self,
         record: &ConnectionRecord,
+        token_digest: &str,
         token_expires: &str,
         identity_token: &str,
+        identity: Proof<'_>,
     ) -> Result<bool>;
     async fn connection(&self, id: &str) -> Result<Option<ConnectionRecord>>;
     async fn connections(&self, filter: &ConnectionFilter) -> Result<Vec<ConnectionRecord>>;
-    /// Atomically consumes the connection token `token_id` of connection `id` and marks it
-    /// connected on `server_id`. Returns `None` when the token was already used, the record is
-    /// closed, or the token expired: this single statement is what makes tokens single-use.
+    /// Atomically consumes the connection token `token_id` of connection `id` (shown by `proof`)
+    /// and marks it connected on `server_id`. Returns `None` when the token was already used,
+    /// the record is closed, the token expired or the digest does not match: this single
+    /// statement is what makes tokens single-use.
     async fn accept_connection(
         &self,
         id: &str,
         token_id: &str,
+        proof: Proof<'_>,
         server_id: &str,
         address: &str,
         now: &str,

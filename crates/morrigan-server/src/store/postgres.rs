@@ -22,6 +22,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         3,
         include_str!("../../migrations/postgres/0003_partial_indexes.sql"),
     ),
+    (
+        4,
+        include_str!("../../migrations/postgres/0004_token_digests.sql"),
+    ),
 ];
 
 /// PostgreSQL-backed [`Store`](super::Store).

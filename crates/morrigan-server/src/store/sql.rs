@@ -29,14 +29,19 @@ pub(crate) fn db(e: sqlx::Error) -> StoreError {
 /// client is still provisioned (see [`Store::issue_connection`](super::Store::issue_connection)).
 pub(crate) struct IssueRequest {
     pub record: morrigan_protocol::records::ConnectionRecord,
+    pub token_digest: String,
     pub token_expires: String,
     pub identity_token: String,
+    /// `None` when the caller checked the identity token's signature.
+    pub identity_digest: Option<String>,
 }
 
 /// A connection token to consume (see [`Store::accept_connection`](super::Store::accept_connection)).
 pub(crate) struct AcceptRequest {
     pub id: String,
     pub token_id: String,
+    /// `None` when the caller checked the connection token's signature.
+    pub token_digest: Option<String>,
     pub server_id: String,
     pub address: String,
     pub now: String,
@@ -116,7 +121,7 @@ macro_rules! sql_store {
                 AcceptRequest, BATCH_ROWS, CloseRequest, HotPath, IssueRequest, db,
             };
             use $crate::store::{
-                CloseInfo, ConnectionFilter, Heartbeat, IdentityRow, NodeRow, Result,
+                CloseInfo, ConnectionFilter, Heartbeat, IdentityRow, NodeRow, Proof, Result,
                 SigningKeyRow, Store, StoreError, TokenKind, TokenRow,
             };
 
@@ -181,6 +186,7 @@ macro_rules! sql_store {
                 issuer: row.try_get("issuer").map_err(get)?,
                 issued: row.try_get("issued").map_err(get)?,
                 expires: row.try_get("expires").map_err(get)?,
+                digest: row.try_get("digest").map_err(get)?,
             })
         }
 
@@ -240,12 +246,13 @@ macro_rules! sql_store {
         async fn issue_batch(pool: sqlx::Pool<$db>, reqs: Vec<IssueRequest>) -> Result<Vec<bool>> {
             let sql = format!(
                 "INSERT INTO connections (id, client_id, server_id, token_id, token_expires, client_address, \
-                 connected, alive, open, last_heartbeat, disconnected, report_url, created) \
+                 connected, alive, open, last_heartbeat, disconnected, report_url, created, token_digest) \
                  SELECT v.column1, v.column2, NULL, v.column3, v.column4, v.column5, NULL, FALSE, TRUE, NULL, NULL, \
-                 v.column6, v.column7 FROM (VALUES {}) AS v \
-                 WHERE EXISTS (SELECT 1 FROM tokens t WHERE t.id = v.column8 AND t.expires > v.column7) \
+                 v.column6, v.column7, v.column9 FROM (VALUES {}) AS v \
+                 WHERE EXISTS (SELECT 1 FROM tokens t WHERE t.id = v.column8 AND t.expires > v.column7 \
+                 AND (v.column10 IS NULL OR t.digest = v.column10)) \
                  AND EXISTS (SELECT 1 FROM clients c WHERE c.id = v.column2) RETURNING id",
-                values_list(reqs.len(), 8, $numbered)
+                values_list(reqs.len(), 10, $numbered)
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for r in &reqs {
@@ -257,7 +264,9 @@ macro_rules! sql_store {
                     .bind(r.record.client_address.clone())
                     .bind(r.record.report_url.clone())
                     .bind(r.record.created.clone())
-                    .bind(r.identity_token.clone());
+                    .bind(r.identity_token.clone())
+                    .bind(r.token_digest.clone())
+                    .bind(r.identity_digest.clone());
             }
             let rows = q.fetch_all(&pool).await.map_err(db)?;
             returned_ids(reqs.into_iter().map(|r| r.record.id), &rows)
@@ -271,8 +280,9 @@ macro_rules! sql_store {
                  client_address = v.column4, connected = v.column5, alive = TRUE, last_heartbeat = v.column5 \
                  FROM (VALUES {}) AS v WHERE connections.id = v.column1 AND connections.token_id = v.column2 \
                  AND connections.token_used = FALSE AND connections.open AND connections.token_expires > v.column5 \
+                 AND (v.column6 IS NULL OR connections.token_digest = v.column6) \
                  RETURNING ", $crate::store::sql::conn_cols!()),
-                values_list(reqs.len(), 5, $numbered)
+                values_list(reqs.len(), 6, $numbered)
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for r in &reqs {
@@ -281,7 +291,8 @@ macro_rules! sql_store {
                     .bind(r.token_id.clone())
                     .bind(r.server_id.clone())
                     .bind(r.address.clone())
-                    .bind(r.now.clone());
+                    .bind(r.now.clone())
+                    .bind(r.token_digest.clone());
             }
             let rows = q.fetch_all(&pool).await.map_err(db)?;
             let mut returned = std::collections::HashMap::new();
@@ -496,7 +507,7 @@ macro_rules! sql_store {
 
             async fn insert_token(&self, row: &TokenRow) -> Result<()> {
                 sqlx::query(
-                    "INSERT INTO tokens (id, kind, subject, issuer, issued, expires) VALUES ($1, $2, $3, $4, $5, $6)",
+                    "INSERT INTO tokens (id, kind, subject, issuer, issued, expires, digest) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 )
                 .bind(&row.id)
                 .bind(row.kind.as_str())
@@ -504,10 +515,21 @@ macro_rules! sql_store {
                 .bind(&row.issuer)
                 .bind(&row.issued)
                 .bind(&row.expires)
+                .bind(&row.digest)
                 .execute(&self.pool)
                 .await
                 .map_err(db)?;
                 Ok(())
+            }
+
+            async fn set_token_digest(&self, id: &str, digest: &str) -> Result<bool> {
+                let r = sqlx::query("UPDATE tokens SET digest = $1 WHERE id = $2 AND digest IS NULL")
+                    .bind(digest)
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(r.rows_affected() > 0)
             }
 
             async fn live_token(&self, id: &str, now: &str) -> Result<Option<TokenRow>> {
@@ -668,15 +690,19 @@ macro_rules! sql_store {
             async fn issue_connection(
                 &self,
                 record: &ConnectionRecord,
+                token_digest: &str,
                 token_expires: &str,
                 identity_token: &str,
+                identity: Proof<'_>,
             ) -> Result<bool> {
                 self.hot
                     .issue
                     .call(IssueRequest {
                         record: record.clone(),
+                        token_digest: token_digest.to_string(),
                         token_expires: token_expires.to_string(),
                         identity_token: identity_token.to_string(),
+                        identity_digest: identity.digest(),
                     })
                     .await
             }
@@ -709,6 +735,7 @@ macro_rules! sql_store {
                 &self,
                 id: &str,
                 token_id: &str,
+                proof: Proof<'_>,
                 server_id: &str,
                 address: &str,
                 now: &str,
@@ -718,6 +745,7 @@ macro_rules! sql_store {
                     .call(AcceptRequest {
                         id: id.to_string(),
                         token_id: token_id.to_string(),
+                        token_digest: proof.digest(),
                         server_id: server_id.to_string(),
                         address: address.to_string(),
                         now: now.to_string(),

@@ -22,6 +22,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         3,
         include_str!("../../migrations/sqlite/0003_partial_indexes.sql"),
     ),
+    (
+        4,
+        include_str!("../../migrations/sqlite/0004_token_digests.sql"),
+    ),
 ];
 
 /// SQLite-backed [`Store`].
