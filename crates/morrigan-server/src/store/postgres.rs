@@ -32,6 +32,8 @@ const MIGRATIONS: &[(i64, &str)] = &[
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The hot path's writes share the pool (PostgreSQL runs them concurrently).
+    writer: PgPool,
     hot: super::sql::HotPath,
 }
 
@@ -48,7 +50,11 @@ impl PgStore {
             .await
             .map_err(db)?;
         let hot = Self::hot_path(&pool);
-        let store = Self { pool, hot };
+        let store = Self {
+            writer: pool.clone(),
+            pool,
+            hot,
+        };
         let mut lock = store.pool.acquire().await.map_err(db)?;
         sqlx::query("SELECT pg_advisory_lock(72070001)")
             .execute(&mut *lock)

@@ -107,8 +107,9 @@ macro_rules! migrate {
 }
 pub(crate) use migrate;
 
-/// Implements [`Store`](super::Store) for `$store` (a struct with a `pool: sqlx::Pool<$db>`
-/// field and a `hot: HotPath` field made by `$store::hot_path`) whose rows are `$row`.
+/// Implements [`Store`](super::Store) for `$store` (a struct with `pool` and `writer` fields of
+/// type `sqlx::Pool<$db>`, the second for the hot path's writes, and a `hot: HotPath` field made
+/// by `$store::hot_path(&writer)`) whose rows are `$row`.
 macro_rules! sql_store {
     ($store:ident, $db:ty, $row:ty, numbered: $numbered:expr) => {
         mod sql_impl {
@@ -820,7 +821,7 @@ macro_rules! sql_store {
                 if beats.is_empty() {
                     return Ok(());
                 }
-                let mut tx = self.pool.begin().await.map_err(db)?;
+                let mut tx = self.writer.begin().await.map_err(db)?;
                 for chunk in beats.chunks(CHUNK) {
                     let sql = format!(
                         "UPDATE connections SET alive = v.column2, \
