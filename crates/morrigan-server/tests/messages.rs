@@ -267,6 +267,25 @@ async fn an_oversized_message_closes_that_socket_with_1009() {
 }
 
 #[tokio::test]
+async fn a_large_message_arrives_whole_through_the_small_read_buffer() {
+    // The socket reads at most 512 bytes per syscall (a small buffer for idle memory): a
+    // 256 KiB frame, then small ones right behind it, must still be read whole and in order.
+    let node = Node::start().await;
+    let mut device = node.device("big").await;
+    let large = json!({"type": "connection.pad", "pad": "x".repeat(256 * 1024)});
+    device.send_json(&large).await;
+    for i in 0..3 {
+        device
+            .send_json(&json!({"type": "connection.pad", "n": i}))
+            .await;
+    }
+    for _ in 0..4 {
+        assert_eq!(device.next_json().await["error"], "unknownMessage");
+    }
+    device.assert_served().await;
+}
+
+#[tokio::test]
 async fn a_malformed_frame_closes_only_that_socket() {
     let node = Node::start().await;
     let mut bystander = node.device("bystander").await;

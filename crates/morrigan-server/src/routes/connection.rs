@@ -560,9 +560,11 @@ async fn connect(
         Ok(Some(r)) => r,
     };
     let mut ws = ws
-        // Small: tungstenite reserves a frame's full length when its header arrives, so this
-        // only bounds one read of small frames; it stays allocated for the socket's life.
-        .read_buffer_size(2 * 1024)
+        // Small, because it stays allocated for the socket's life (2 KiB → 512 B took an idle
+        // connection from 9.3 to 7.8 KiB at 10,000). It bounds one read syscall, not a frame:
+        // tungstenite reserves a frame's full length when its header arrives. A device's
+        // messages are mostly a few hundred bytes; a 64 KiB one costs 128 reads (~0.2 ms).
+        .read_buffer_size(512)
         .write_buffer_size(0)
         .max_write_buffer_size(s.config.max_message_size + 64 * 1024)
         .max_message_size(s.config.max_message_size)
