@@ -161,6 +161,11 @@ async fn run_inner(state: AppState, record: ConnectionRecord, mut socket: WebSoc
     };
 
     state.hub.remove(&id, &tx);
+    // The close handshake is done: release the socket (and the peer) now rather than after the
+    // record's write, so a reconnecting device does not wait on the store (a churn cycle's
+    // latency included one batch round trip for nothing). The record is still written below
+    // before this task ends, and shutdown awaits the task.
+    drop(socket);
     drop(tx);
     // Anything still queued will never be written: fail those senders now.
     rx.close();
