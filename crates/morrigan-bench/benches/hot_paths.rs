@@ -66,6 +66,17 @@ fn tokens(c: &mut Criterion) {
                 .unwrap()
         })
     });
+    // What the connect path runs instead of `verify` (the store then matches the digest).
+    c.bench_function(
+        "Tokens::presented (connection: claims + SHA-256 digest)",
+        |b| {
+            b.iter(|| {
+                tokens
+                    .presented(black_box(&token), audience::CONNECTION)
+                    .unwrap()
+            })
+        },
+    );
 }
 
 fn records(c: &mut Criterion) {
