@@ -19,7 +19,7 @@
 //! tokens are stored with the SHA-256 of their text ([`digest`]) when issued, and the one
 //! statement that must run anyway (the pending record's insert, the accept's conditional
 //! update) also requires that digest ([`Tokens::presented`]). A token's text matching what was
-//! issued is what a valid signature proves, at 1 µs instead of 35; the signature is still
+//! issued is what a valid signature proves, at about 2 µs instead of 35-55; the signature is still
 //! checked on every refusal (to say why) and for tokens issued before digests were kept.
 
 use std::path::Path;
