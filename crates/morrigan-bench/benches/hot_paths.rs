@@ -71,8 +71,7 @@ fn tokens(c: &mut Criterion) {
         "Tokens::presented (connection: claims + SHA-256 digest)",
         |b| {
             b.iter(|| {
-                tokens
-                    .presented(black_box(&token), audience::CONNECTION)
+                rt.block_on(tokens.presented(black_box(&token), audience::CONNECTION))
                     .unwrap()
             })
         },

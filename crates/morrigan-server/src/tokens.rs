@@ -314,16 +314,23 @@ impl Tokens {
 
     /// Audience, expiry and digest of a token whose signature is *not* checked here: the
     /// caller's store statement requires the digest recorded when the token was issued, which
-    /// proves the text (claims and signature) is exactly what a node signed. On a refusal the
-    /// caller runs [`Tokens::verify`] to say why. Counts no refusal: `verify` will.
-    pub fn presented(&self, token: &str, aud: &str) -> Result<Presented, TokenError> {
-        if token.len() > MAX_TOKEN_LEN {
-            return Err(TokenError::Malformed);
+    /// proves the text (claims and signature) is exactly what a node signed. A token refused
+    /// here is refused by [`Tokens::verify`], whose error (and refusal count) it returns: the
+    /// signature comes first in saying why.
+    pub async fn presented(&self, token: &str, aud: &str) -> Result<Presented, TokenError> {
+        let read = || -> Result<Presented, TokenError> {
+            if token.len() > MAX_TOKEN_LEN {
+                return Err(TokenError::Malformed);
+            }
+            Ok(Presented {
+                claims: valid_claims(token, aud)?,
+                digest: digest(token),
+            })
+        };
+        match read() {
+            Ok(p) => Ok(p),
+            Err(e) => Err(self.verify(token, aud).await.err().unwrap_or(e)),
         }
-        Ok(Presented {
-            claims: valid_claims(token, aud)?,
-            digest: digest(token),
-        })
     }
 
     /// Header, key and signature: nothing in the payload is trusted before this holds.
@@ -480,6 +487,7 @@ mod tests {
         let issued = t.issue(audience::IDENTITY, "dev", 60, None).expect("issue");
         let p = t
             .presented(&issued.token, audience::IDENTITY)
+            .await
             .expect("read");
         assert_eq!(p.claims.jti, issued.claims.jti);
         assert_eq!(p.digest, digest(&issued.token));
@@ -490,26 +498,29 @@ mod tests {
         let forged_payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).expect("json"));
         let parts: Vec<&str> = issued.token.split('.').collect();
         let tampered = format!("{}.{}.{}", parts[0], forged_payload, parts[2]);
-        let p = t.presented(&tampered, audience::IDENTITY).expect("read");
+        let p = t
+            .presented(&tampered, audience::IDENTITY)
+            .await
+            .expect("read");
         assert_ne!(p.digest, digest(&issued.token));
         // Audience and expiry are checked without the store.
         assert!(matches!(
-            t.presented(&issued.token, audience::CONNECTION),
+            t.presented(&issued.token, audience::CONNECTION).await,
             Err(TokenError::Invalid)
         ));
         let mut old = issued.claims.clone();
         old.exp = time::OffsetDateTime::now_utc().unix_timestamp() - LEEWAY_SECS as i64 - 5;
         assert!(matches!(
-            t.presented(&sign_with(&t, &old), audience::IDENTITY),
+            t.presented(&sign_with(&t, &old), audience::IDENTITY).await,
             Err(TokenError::Expired)
         ));
         assert!(matches!(
-            t.presented("a.b.c", audience::IDENTITY),
+            t.presented("a.b.c", audience::IDENTITY).await,
             Err(TokenError::Malformed)
         ));
         let long = "a".repeat(MAX_TOKEN_LEN + 1);
         assert!(matches!(
-            t.presented(&long, audience::IDENTITY),
+            t.presented(&long, audience::IDENTITY).await,
             Err(TokenError::Malformed)
         ));
     }

@@ -85,21 +85,12 @@ async fn request_token(
         ApiError::bad_request("No token provided.")
     })?;
     // Read, not yet trusted: the insert below requires the digest recorded when this token was
-    // issued, which proves it is the token a node signed (see tokens.rs). A refusal runs the
-    // full signature check to say why.
-    let presented = match s.tokens.presented(token, audience::IDENTITY) {
-        Ok(p) => p,
-        Err(e) => {
-            // The full check states the reason (and counts the refusal).
-            let e = s
-                .tokens
-                .verify(token, audience::IDENTITY)
-                .await
-                .err()
-                .unwrap_or(e);
-            return Err(identity_error(e, peer));
-        }
-    };
+    // issued, which proves it is the token a node signed (see tokens.rs).
+    let presented = s
+        .tokens
+        .presented(token, audience::IDENTITY)
+        .await
+        .map_err(|e| identity_error(e, peer))?;
     let claims = &presented.claims;
     let now_s = time_format::now();
     let id = uuid::Uuid::new_v4().to_string();
@@ -485,18 +476,9 @@ async fn connect(
             Err(e) => return connection_error(e, peer),
         }
     } else {
-        match s.tokens.presented(&token, audience::CONNECTION) {
+        match s.tokens.presented(&token, audience::CONNECTION).await {
             Ok(p) => (p.claims, Some(p.digest)),
-            Err(e) => {
-                // The full check states the reason (and counts the refusal).
-                let e = s
-                    .tokens
-                    .verify(&token, audience::CONNECTION)
-                    .await
-                    .err()
-                    .unwrap_or(e);
-                return connection_error(e, peer);
-            }
+            Err(e) => return connection_error(e, peer),
         }
     };
     // Hooks see the pending record before the token is consumed (F10). Without an embedder's
