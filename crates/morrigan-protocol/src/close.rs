@@ -7,6 +7,10 @@ pub const NORMAL: u16 = 1000;
 pub const GOING_AWAY: u16 = 1001;
 /// The peer sent something the protocol does not allow at the frame level.
 pub const PROTOCOL_ERROR: u16 = 1002;
+/// No close frame: recorded when the socket ended without one (never sent on the wire).
+pub const ABNORMAL: u16 = 1006;
+/// A text frame was not valid UTF-8.
+pub const INVALID_PAYLOAD: u16 = 1007;
 /// A message exceeded the server's size limit.
 pub const MESSAGE_TOO_BIG: u16 = 1009;
 /// The server failed unexpectedly.
@@ -21,6 +25,11 @@ pub const SUPERSEDED: u16 = 4001;
 pub const HEARTBEAT_TIMEOUT: u16 = 4002;
 /// The client was deprovisioned or its identity token revoked: stop retrying.
 pub const REVOKED: u16 = 4003;
+/// The device did not read what the server wrote within the write timeout
+/// (`--write-timeout`): the server dropped the socket rather than let one slow reader hold
+/// anything up. A device that stopped reading rarely sees this frame (it is queued behind the
+/// unread data); its record says so. Reconnect.
+pub const WRITE_TIMEOUT: u16 = 4008;
 
 /// What a client should do after a close with `code`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,8 +64,10 @@ pub fn reason_name(code: u16) -> &'static str {
         SUPERSEDED => "superseded",
         HEARTBEAT_TIMEOUT => "heartbeat_timeout",
         REVOKED => "revoked",
+        WRITE_TIMEOUT => "write_timeout",
         1005 => "no_status",
-        1006 => "abnormal",
+        ABNORMAL => "abnormal",
+        INVALID_PAYLOAD => "invalid_payload",
         _ => "other",
     }
 }

@@ -8,41 +8,103 @@ use std::time::Duration;
 use axum::http::HeaderMap;
 use morrigan_protocol::records::ConnectionRecord;
 
-use crate::bus::{BusCommand, BusError, BusReply};
+use crate::bus::{BusCommand, BusError, BusReply, CommandHandler};
 use crate::error::ApiError;
+use crate::hub::{Closed, Hub, SendError};
 use crate::state::AppState;
 
-/// How long a REST call waits for the owning node.
+/// How long a REST call gives the owning node's connection to take a frame (as for a local
+/// send: see `routes::connection::SEND_TIMEOUT`).
 pub const REMOTE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Carries out bus commands against this node's hub: what the bus hands a command that
+/// reached this node to (the bus never sees the hub).
+pub struct HubCommands {
+    pub hub: Arc<Hub>,
+    /// How long a connection may take, after taking a frame, to report its outcome.
+    pub write_bound: Duration,
+}
+
+#[async_trait::async_trait]
+impl CommandHandler for HubCommands {
+    async fn handle(&self, command: BusCommand, take_by: tokio::time::Instant) -> BusReply {
+        match command {
+            BusCommand::Send {
+                connection_id,
+                text,
+            } => match self
+                .hub
+                .send(&connection_id, text, take_by, self.write_bound)
+                .await
+            {
+                Ok(()) => BusReply::Ok,
+                Err(SendError::NotHere) => BusReply::NotHere,
+                Err(SendError::Closed(_)) => BusReply::Closed,
+                Err(SendError::NotTaken) => BusReply::Timeout,
+                Err(SendError::WriteTimeout) => BusReply::WriteTimeout,
+            },
+            BusCommand::Close {
+                connection_id,
+                code,
+                reason,
+            } => match self.hub.close(&connection_id, code, &reason).await {
+                Closed::NotHere => BusReply::NotHere,
+                Closed::Closed | Closed::Forced => BusReply::Ok,
+            },
+        }
+    }
+}
 
 /// Delivers `command` for a connection this node does not hold, according to its record:
 /// 404 unknown, 409 closed or not established, else the owning node's answer (503 when it is
-/// gone, 504 when it does not answer in time). Never reports success without the owner's ack.
+/// unreachable or this node's bus is down, 504 when it gave no outcome in time). Never reports
+/// success without the owner's answer, and asks the bus once: a failed request is not retried
+/// (its deadlines guarantee the owner will not carry it out later).
 pub async fn route(s: &AppState, id: &str, command: BusCommand) -> Result<(), ApiError> {
     // A connection never changes node, so its owner is remembered after the first lookup: a
     // repeated remote send costs no store read. A stale entry only means the owner answers
-    // "not here" (409), or fails, in which case the record decides below.
+    // "not here", and the record decides.
     // Clone out of the map first: holding the shard guard across the request (or into the
     // `remove` below) would block that shard, and deadlock on the remove.
     let cached = s.owners.get(id).map(|o| o.value().clone());
-    if let Some(owner) = cached {
-        match s.bus.request(&owner, command.clone(), REMOTE_TIMEOUT).await {
-            Ok(reply) => {
-                if reply != BusReply::Ok {
-                    s.owners.remove(id);
-                }
-                return answer(reply);
+    let owner: Arc<str> = match cached {
+        Some(owner) => owner,
+        None => {
+            let record = s
+                .store
+                .connection(id)
+                .await?
+                .ok_or_else(|| ApiError::not_found("No such connection."))?;
+            let owner = owner_of(s, &record)?;
+            Arc::from(owner)
+        }
+    };
+    match s.bus.request(&owner, command, REMOTE_TIMEOUT).await {
+        Ok(BusReply::Ok) => {
+            if s.owners.len() >= MAX_OWNERS {
+                s.owners.clear();
             }
-            Err(_) => {
-                s.owners.remove(id);
+            s.owners.insert(id.to_string(), owner);
+            Ok(())
+        }
+        Ok(BusReply::NotHere) => {
+            s.owners.remove(id);
+            // The owner no longer holds it: the record says whether it is closed or unknown.
+            match s.store.connection(id).await? {
+                None => Err(ApiError::not_found("No such connection.")),
+                Some(_) => Err(ApiError::conflict("Connection closed.")),
             }
         }
+        Ok(reply) => answer(reply),
+        Err(e) => {
+            s.owners.remove(id);
+            Err(bus_error(e))
+        }
     }
-    let record = s
-        .store
-        .connection(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("No such connection."))?;
+}
+
+/// The node holding `record`'s socket, or why there is none.
+fn owner_of<'a>(s: &AppState, record: &'a ConnectionRecord) -> Result<&'a str, ApiError> {
     if !record.open {
         return Err(ApiError::conflict("Connection closed."));
     }
@@ -59,23 +121,23 @@ pub async fn route(s: &AppState, id: &str, command: BusCommand) -> Result<(), Ap
         // Open in the store, gone from the hub: it is closing right now.
         return Err(ApiError::conflict("Connection closed."));
     }
-    match s.bus.request(owner, command, REMOTE_TIMEOUT).await {
-        Ok(reply) => {
-            if reply == BusReply::Ok {
-                if s.owners.len() >= MAX_OWNERS {
-                    s.owners.clear();
-                }
-                s.owners.insert(id.to_string(), Arc::from(owner));
-            }
-            answer(reply)
-        }
-        Err(BusError::Timeout(n)) => Err(ApiError::timeout(format!(
+    Ok(owner)
+}
+
+fn bus_error(e: BusError) -> ApiError {
+    match e {
+        BusError::Timeout(n) => ApiError::timeout(format!(
             "Node '{n}', which holds the connection, did not answer in time."
-        ))),
-        Err(BusError::NoRoute(n)) => Err(ApiError::unavailable(format!(
-            "Node '{n}', which holds the connection, is not reachable."
-        ))),
-        Err(e) => Err(ApiError::unavailable(e.to_string())),
+        )),
+        BusError::NoRoute(n) => ApiError::unavailable(format!(
+            "Node '{n}', which holds the connection, is not reachable; nothing was delivered."
+        )),
+        BusError::Unavailable => ApiError::unavailable(
+            "This node's cluster bus is disconnected; nothing was delivered. Retry later.",
+        ),
+        BusError::Transport(e) => {
+            ApiError::unavailable(format!("Cluster bus failure: {e}; nothing was delivered."))
+        }
     }
 }
 
@@ -86,9 +148,8 @@ fn answer(reply: BusReply) -> Result<(), ApiError> {
     match reply {
         BusReply::Ok => Ok(()),
         BusReply::NotHere | BusReply::Closed => Err(ApiError::conflict("Connection closed.")),
-        BusReply::Timeout => Err(ApiError::timeout(
-            "The connection did not take the message in time.",
-        )),
+        BusReply::Timeout | BusReply::Received => Err(SendError::NotTaken.into()),
+        BusReply::WriteTimeout => Err(SendError::WriteTimeout.into()),
     }
 }
 
@@ -109,9 +170,10 @@ async fn node_alive(s: &AppState, node_id: &str) -> bool {
 }
 
 /// Asks whichever node holds `record` to close it; closes the record directly when no node can
-/// (pending record, owner gone). Best effort: used by supersede and deprovisioning.
+/// (pending record, owner gone). Best effort, never waiting on a connection: used by supersede
+/// and deprovisioning.
 pub async fn close_anywhere(s: &AppState, record: &ConnectionRecord, code: u16, reason: &str) {
-    if s.hub.close(&record.id, code, reason, None).await {
+    if s.hub.request_close(&record.id, code, reason).is_some() {
         return;
     }
     if let Some(owner) = record.server_id.as_deref()

@@ -26,6 +26,10 @@ pub struct Config {
     pub database_url: Option<String>,
     /// Ping period; two missed periods close the connection.
     pub heartbeat_interval: Duration,
+    /// How long a socket may take to drain what the server wrote to it (a frame, a ping, a
+    /// close) before it is dropped with 4008. `None`: 10 s, or the heartbeat interval if that
+    /// is shorter.
+    pub write_timeout: Option<Duration>,
     /// Lifetime of connection tokens.
     pub connection_token_ttl: Duration,
     /// Lifetime of device identity tokens.
@@ -65,6 +69,7 @@ impl Config {
             public_url: None,
             database_url: None,
             heartbeat_interval: Duration::from_secs(30),
+            write_timeout: None,
             connection_token_ttl: Duration::from_secs(60),
             identity_token_ttl: Duration::from_secs(30 * 24 * 3600),
             user_token_ttl: Duration::from_secs(30 * 60),
@@ -74,11 +79,18 @@ impl Config {
             retention: Duration::from_secs(7 * 24 * 3600),
             tls: None,
             admin_password: None,
-            shutdown_timeout: Duration::from_secs(8),
+            shutdown_timeout: Duration::from_secs(6),
             node_lease: Duration::from_secs(15),
             bus: crate::bus::BusConfig::Auto,
             trusted_proxies: Vec::new(),
         }
+    }
+
+    /// The write timeout in force (see [`Config::write_timeout`]).
+    pub fn effective_write_timeout(&self) -> Duration {
+        self.write_timeout
+            .unwrap_or_else(|| Duration::from_secs(10).min(self.heartbeat_interval))
+            .max(Duration::from_millis(100))
     }
 
     /// The base URL devices are told to connect to, without a trailing slash.

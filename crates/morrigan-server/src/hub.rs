@@ -2,31 +2,37 @@
 //!
 //! A sharded map (`DashMap`) so that connects, sends and closes on different connections never
 //! contend on one lock. Each entry is a handle to the connection's own task: a small bounded
-//! command channel (the task owns the socket, so nothing else ever writes to it) and the shared
-//! heartbeat state the flusher reads.
+//! channel of frames to write (the task owns the socket, so nothing else ever writes to it), the
+//! shared heartbeat state the flusher reads, and a [`Control`] through which a close reaches the
+//! task without waiting behind its queued frames.
+//!
+//! Nothing here waits on a connection for longer than a stated bound: a send waits for its
+//! frame to be taken until its deadline, a close waits [`CLOSE_GRACE`] for the task to end and
+//! then forces it (the task drops its socket at once and writes its record).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
 
-/// Commands a connection task accepts.
-#[derive(Debug)]
-pub enum Command {
-    /// Write this text frame, then acknowledge.
-    Send {
-        text: String,
-        ack: oneshot::Sender<()>,
-    },
-    /// Close the socket with this code and reason; `done` fires once the record is written.
-    Close {
-        code: u16,
-        reason: String,
-        done: Option<oneshot::Sender<()>>,
-    },
+pub use crate::ticket::SendError;
+use crate::ticket::{TicketWriter, ticket};
+
+/// A frame for a connection task to write.
+pub struct Outgoing {
+    pub text: String,
+    /// Taken before writing; reports the outcome to the sender.
+    pub ticket: TicketWriter,
 }
+
+/// How long a close waits for the connection task to end on its own (close handshake included)
+/// before forcing it.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(4);
+/// How long a forced connection task may take to write its record before the closer answers.
+const FORCE_WAIT: Duration = Duration::from_secs(4);
 
 /// State shared between a connection task and the heartbeat flusher. Atomics only: a pong
 /// costs two stores and, at most once per flush period, one channel push.
@@ -49,25 +55,125 @@ impl Liveness {
     }
 }
 
-/// A handle to one live connection's task.
-#[derive(Debug, Clone)]
-pub struct ConnHandle {
-    pub client_id: Arc<str>,
-    /// Commands are boxed: the channel allocates its first block of 32 slots up front, so a
-    /// pointer-sized slot keeps that block at 256 bytes per connection instead of 1.5 KiB.
-    pub tx: mpsc::Sender<Box<Command>>,
-    pub liveness: Arc<Liveness>,
+/// A requested close.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseRequest {
+    pub code: u16,
+    pub reason: String,
 }
 
-/// Why a send to a local connection failed.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SendError {
-    #[error("connection is not held by this node")]
+#[derive(Default)]
+struct ControlState {
+    close: Option<CloseRequest>,
+    kill: bool,
+    ended: bool,
+    done: Vec<oneshot::Sender<()>>,
+}
+
+/// The out-of-band channel to a connection task: close requests (which must not queue behind
+/// frames a slow device is not reading) and the forced end.
+#[derive(Default)]
+pub struct Control {
+    state: Mutex<ControlState>,
+    /// Wakes the task's loop for a close request.
+    close: Notify,
+    /// Wakes the task's outer select for a forced end.
+    kill: Notify,
+}
+
+impl Control {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        // A panic while holding this lock cannot leave it inconsistent (plain field writes).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks the task to close; the first request's code and reason win. Returns a receiver
+    /// that fires once the task has written its record, or `None` if it already ended.
+    pub fn request_close(&self, code: u16, reason: &str) -> Option<oneshot::Receiver<()>> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut s = self.lock();
+            if s.ended {
+                return None;
+            }
+            if s.close.is_none() {
+                s.close = Some(CloseRequest {
+                    code,
+                    reason: reason.to_string(),
+                });
+            }
+            s.done.push(tx);
+        }
+        self.close.notify_one();
+        Some(rx)
+    }
+
+    /// Ends the task at once: its socket is dropped without a close handshake and its record
+    /// written with the requested close code.
+    pub fn kill(&self) {
+        self.lock().kill = true;
+        self.kill.notify_one();
+    }
+
+    /// The pending close request, if any (task side).
+    pub fn close_requested(&self) -> Option<CloseRequest> {
+        self.lock().close.clone()
+    }
+
+    /// Resolves when a close is requested (task side; a request made earlier counts).
+    pub async fn close_signal(&self) {
+        loop {
+            if self.lock().close.is_some() {
+                return;
+            }
+            self.close.notified().await;
+        }
+    }
+
+    /// Resolves when the task must end at once (task side).
+    pub async fn kill_signal(&self) {
+        loop {
+            if self.lock().kill {
+                return;
+            }
+            self.kill.notified().await;
+        }
+    }
+
+    /// The task ended and its record is written: release every closer (task side).
+    pub fn finish(&self) {
+        let done = {
+            let mut s = self.lock();
+            s.ended = true;
+            std::mem::take(&mut s.done)
+        };
+        for d in done {
+            let _ = d.send(());
+        }
+    }
+}
+
+/// A handle to one live connection's task.
+#[derive(Clone)]
+pub struct ConnHandle {
+    pub client_id: Arc<str>,
+    /// Frames are boxed: the channel allocates its first block of 32 slots up front, so a
+    /// pointer-sized slot keeps that block small.
+    pub tx: mpsc::Sender<Box<Outgoing>>,
+    pub liveness: Arc<Liveness>,
+    pub control: Arc<Control>,
+}
+
+/// How a close ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// No such connection here.
     NotHere,
-    #[error("connection closed before the frame was written")]
+    /// The connection closed (handshake or not) and its record was written.
     Closed,
-    #[error("connection did not accept the frame in time")]
-    Timeout,
+    /// The connection did not end within [`CLOSE_GRACE`] and was forced; its record is
+    /// written, or queued for writing if the store did not answer in time.
+    Forced,
 }
 
 /// All connections held by this node.
@@ -93,7 +199,7 @@ impl Hub {
     }
 
     /// Removes `id` if it is still the entry created with `tx` (a task only removes itself).
-    pub fn remove(&self, id: &str, tx: &mpsc::Sender<Box<Command>>) {
+    pub fn remove(&self, id: &str, tx: &mpsc::Sender<Box<Outgoing>>) {
         if let Some((_, handle)) = self.conns.remove_if(id, |_, h| h.tx.same_channel(tx)) {
             self.newest
                 .remove_if(&handle.client_id, |_, newest| &**newest == id);
@@ -112,72 +218,74 @@ impl Hub {
         self.conns.is_empty()
     }
 
-    /// Writes `text` on connection `id` and waits until the frame was written to the socket.
-    pub async fn send(&self, id: &str, text: String, timeout: Duration) -> Result<(), SendError> {
+    /// Writes `text` on connection `id`. The frame must be taken by the connection before
+    /// `take_by` (else [`SendError::NotTaken`]: it is never written); once taken it is written,
+    /// or the socket closed, within the connection's write timeout (`write_bound` bounds that
+    /// wait). Answers 200-worthy `Ok` only once the frame is on the socket.
+    pub async fn send(
+        &self,
+        id: &str,
+        text: String,
+        take_by: Instant,
+        write_bound: Duration,
+    ) -> Result<(), SendError> {
         let handle = self.get(id).ok_or(SendError::NotHere)?;
-        let (ack, done) = oneshot::channel();
-        let deadline = tokio::time::Instant::now() + timeout;
-        match tokio::time::timeout_at(
-            deadline,
-            handle.tx.send(Box::new(Command::Send { text, ack })),
-        )
-        .await
-        {
-            Err(_) => return Err(SendError::Timeout),
-            Ok(Err(_)) => return Err(SendError::Closed),
+        let (ticket, writer) = ticket();
+        let frame = Box::new(Outgoing {
+            text,
+            ticket: writer,
+        });
+        match tokio::time::timeout_at(take_by, handle.tx.send(frame)).await {
+            // Never queued: the frame was dropped with the send future.
+            Err(_) => return Err(SendError::NotTaken),
+            Ok(Err(_)) => return Err(SendError::Closed(None)),
             Ok(Ok(())) => {}
         }
-        match tokio::time::timeout_at(deadline, done).await {
-            Err(_) => Err(SendError::Timeout),
-            Ok(Err(_)) => Err(SendError::Closed),
-            Ok(Ok(())) => Ok(()),
-        }
+        ticket.wait(take_by, write_bound).await
     }
 
-    /// Asks connection `id` to close. Returns false if it is not held here.
-    pub async fn close(
+    /// Asks connection `id` to close with `code` and `reason`, without waiting. Returns the
+    /// receiver that fires once its record is written, or `None` if it is not held here.
+    pub fn request_close(
         &self,
         id: &str,
         code: u16,
         reason: &str,
-        done: Option<oneshot::Sender<()>>,
-    ) -> bool {
-        let Some(handle) = self.get(id) else {
-            return false;
-        };
-        // A full queue means the task is busy; the close still gets through, just later.
-        handle
-            .tx
-            .send(Box::new(Command::Close {
-                code,
-                reason: reason.to_string(),
-                done,
-            }))
-            .await
-            .is_ok()
+    ) -> Option<(Arc<Control>, Option<oneshot::Receiver<()>>)> {
+        let handle = self.get(id)?;
+        let done = handle.control.request_close(code, reason);
+        Some((handle.control, done))
     }
 
-    /// Asks every connection to close (shutdown).
-    pub async fn close_all(&self, code: u16, reason: &str) {
-        let handles: Vec<ConnHandle> = self.conns.iter().map(|e| e.value().clone()).collect();
-        for h in handles {
-            let cmd = Box::new(Command::Close {
-                code,
-                reason: reason.to_string(),
-                done: None,
-            });
-            if let Err(mpsc::error::TrySendError::Full(cmd)) = h.tx.try_send(cmd) {
-                let _ = h.tx.send(cmd).await;
-            }
+    /// Closes connection `id` and waits until its record is written: at most [`CLOSE_GRACE`]
+    /// for a graceful close, then the task is forced, then at most a few seconds more.
+    pub async fn close(&self, id: &str, code: u16, reason: &str) -> Closed {
+        let Some((control, done)) = self.request_close(id, code, reason) else {
+            return Closed::NotHere;
+        };
+        let Some(mut done) = done else {
+            return Closed::Closed;
+        };
+        if tokio::time::timeout(CLOSE_GRACE, &mut done).await.is_ok() {
+            return Closed::Closed;
+        }
+        tracing::warn!(connection = %id, "connection did not close in time; forcing it");
+        control.kill();
+        let _ = tokio::time::timeout(FORCE_WAIT, done).await;
+        Closed::Forced
+    }
+
+    /// Asks every connection to close (shutdown), without waiting on any of them.
+    pub fn close_all(&self, code: u16, reason: &str) {
+        for entry in self.conns.iter() {
+            let _ = entry.value().control.request_close(code, reason);
         }
     }
 
-    /// Ids of local connections of `client_id`.
-    pub fn ids_of_client(&self, client_id: &str) -> Vec<Arc<str>> {
-        self.conns
-            .iter()
-            .filter(|e| &*e.value().client_id == client_id)
-            .map(|e| e.key().clone())
-            .collect()
+    /// Forces every remaining connection to end at once (shutdown past its grace period).
+    pub fn kill_all(&self) {
+        for entry in self.conns.iter() {
+            entry.value().control.kill();
+        }
     }
 }

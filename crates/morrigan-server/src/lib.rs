@@ -32,6 +32,7 @@ pub mod server;
 pub mod session;
 pub mod state;
 pub mod store;
+pub mod ticket;
 pub mod tls;
 pub mod tokens;
 

@@ -311,6 +311,7 @@ impl Bus for MeteredBus {
             Ok(_) => "refused",
             Err(BusError::NoRoute(_)) => "no_route",
             Err(BusError::Timeout(_)) => "timeout",
+            Err(BusError::Unavailable) => "unavailable",
             Err(BusError::Transport(_)) => "error",
         };
         self.metrics

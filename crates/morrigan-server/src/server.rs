@@ -28,7 +28,8 @@ use crate::auth::{self, functions};
 use crate::bus::local::LocalBus;
 use crate::bus::nats::NatsBus;
 use crate::bus::postgres::PgBus;
-use crate::bus::{Bus, BusConfig};
+use crate::bus::{Bus, BusConfig, CommandHandler};
+use crate::cluster::HubCommands;
 use crate::config::Config;
 use crate::hooks::Hooks;
 use crate::hub::Hub;
@@ -38,6 +39,15 @@ use crate::store::{
     CloseInfo, IdentityRow, NodeRow, Store, StoreError, postgres::PgStore, sqlite::SqliteStore,
 };
 use crate::tokens::{KeyError, Tokens};
+
+/// A graceful stop ends within this, whatever peers and the store do (the binary's runtime
+/// takes at most half a second more).
+pub const SHUTDOWN_BOUND: Duration = Duration::from_millis(9_000);
+/// What the stop keeps for itself after the sockets' grace period: forcing the remaining
+/// connections, writing records, stopping the background tasks.
+const STOP_TAIL: Duration = Duration::from_millis(3_000);
+/// How long forced connections (and HTTP connections) get to end.
+const FORCE_WAIT: Duration = Duration::from_millis(1_000);
 
 /// How often expired tokens, unused connection tokens and old records are cleaned up.
 pub const MAINTENANCE_PERIOD: Duration = Duration::from_secs(60);
@@ -171,13 +181,19 @@ impl ServerBuilder {
 
         let hub = Arc::new(Hub::new());
         let background = CancellationToken::new();
+        let write_bound = config.effective_write_timeout() + Duration::from_secs(1);
+        let commands: Arc<dyn CommandHandler> = Arc::new(HubCommands {
+            hub: hub.clone(),
+            write_bound,
+        });
         let bus: Arc<dyn Bus> = match (&config.bus, pg_pool) {
             (BusConfig::Nats(url), _) => {
                 NatsBus::start(
                     url,
                     store.clone(),
                     &node_id,
-                    hub.clone(),
+                    commands.clone(),
+                    write_bound,
                     background.clone(),
                 )
                 .await?
@@ -187,14 +203,15 @@ impl ServerBuilder {
                     pool,
                     store.clone(),
                     &node_id,
-                    hub.clone(),
+                    commands.clone(),
+                    write_bound,
                     background.clone(),
                 )
                 .await?
             }
             _ => {
                 let local = self.local_bus.unwrap_or_default();
-                local.register(&node_id, &hub);
+                local.register(&node_id, &commands, write_bound);
                 local
             }
         };
@@ -233,6 +250,7 @@ impl ServerBuilder {
         let (router, _) = crate::routes::build(state.clone());
         Ok(Server {
             state,
+            commands,
             router,
             listener,
             tls,
@@ -246,6 +264,9 @@ impl ServerBuilder {
 /// A started node, bound and ready to serve.
 pub struct Server {
     state: AppState,
+    /// What the bus hands commands for this node to; held for the node's life (the in-process
+    /// bus holds it weakly, so a node that is gone is unreachable).
+    commands: Arc<dyn CommandHandler>,
     router: Router,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
@@ -281,6 +302,7 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Server {
             state,
+            commands,
             router,
             listener,
             tls,
@@ -367,47 +389,60 @@ impl Server {
         drop(listener);
 
         tracing::info!(connections = state.hub.len(), "shutting down");
+        // Every step below is bounded, so the node stops within SHUTDOWN_BOUND whatever its
+        // peers (or its store) do: sockets get `shutdown_timeout` to close with 1001, the rest
+        // are dropped, and every record is written (or left to the next start's recovery).
+        let hard_stop = tokio::time::Instant::now() + SHUTDOWN_BOUND;
         state.shutdown.cancel();
         state
             .hub
-            .close_all(close::GOING_AWAY, "server shutting down")
-            .await;
+            .close_all(close::GOING_AWAY, "server shutting down");
         state.sessions.close();
-        let deadline = state.config.shutdown_timeout;
-        if tokio::time::timeout(deadline, async {
-            state.sessions.wait().await;
-            graceful.shutdown().await;
-        })
-        .await
-        .is_err()
-        {
+        let grace = state
+            .config
+            .shutdown_timeout
+            .min(SHUTDOWN_BOUND - STOP_TAIL);
+        let closed = tokio::time::timeout(grace, state.sessions.wait())
+            .await
+            .is_ok();
+        if !closed {
             tracing::warn!(
                 remaining = state.hub.len(),
-                "shutdown timed out; closing remaining records"
+                "connections did not close in time; dropping them"
             );
+            state.hub.kill_all();
+            let _ = tokio::time::timeout(FORCE_WAIT, state.sessions.wait()).await;
+        }
+        let _ = tokio::time::timeout(FORCE_WAIT, graceful.shutdown()).await;
+        if !state.hub.is_empty() || !closed {
             let now = time_format::now();
-            let _ = state
-                .store
-                .close_node_connections(
+            let _ = tokio::time::timeout_at(
+                hard_stop,
+                state.store.close_node_connections(
                     &state.node_id,
                     &CloseInfo {
                         at: &now,
                         code: close::GOING_AWAY,
                         reason: "server shutting down",
                     },
-                )
-                .await;
+                ),
+            )
+            .await;
         }
         background.cancel();
-        let _ = flusher.await;
-        let _ = maintenance.await;
-        if let Err(e) = state
-            .store
-            .stop_node(&state.node_id, &time_format::now())
-            .await
+        let _ = tokio::time::timeout_at(hard_stop, flusher).await;
+        let _ = tokio::time::timeout_at(hard_stop, maintenance).await;
+        match tokio::time::timeout_at(
+            hard_stop,
+            state.store.stop_node(&state.node_id, &time_format::now()),
+        )
+        .await
         {
-            tracing::warn!(error = %e, "could not mark the node stopped");
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not mark the node stopped"),
+            Err(_) => tracing::warn!("could not mark the node stopped in time"),
         }
+        drop(commands);
         tracing::info!("stopped");
     }
 }
@@ -447,8 +482,7 @@ pub async fn lease_once(state: &AppState) -> Result<(), StoreError> {
         tracing::error!("this node's lease lapsed and it was declared lost; closing its sockets");
         state
             .hub
-            .close_all(close::GOING_AWAY, "node lost its lease")
-            .await;
+            .close_all(close::GOING_AWAY, "node lost its lease");
         state
             .store
             .register_node(&NodeRow {

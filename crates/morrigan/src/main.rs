@@ -123,6 +123,8 @@ fn main() -> std::process::ExitCode {
             Command::Node(cmd) => ops::node(cmd).await.map_err(Into::into),
         }
     });
+    // Whatever is still running (a password hash, a blocking call) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

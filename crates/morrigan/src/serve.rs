@@ -31,6 +31,10 @@ pub struct ServeArgs {
     /// Seconds between pings; two missed pings close a connection [default: 30].
     #[arg(long, env = "MORRIGAN_HEARTBEAT_INTERVAL")]
     heartbeat_interval: Option<u64>,
+    /// Seconds a socket may take to drain what the server wrote (a frame, a ping, a close)
+    /// before it is dropped with 4008 [default: 10, or the heartbeat interval if shorter].
+    #[arg(long, env = "MORRIGAN_WRITE_TIMEOUT")]
+    write_timeout: Option<u64>,
     /// Lifetime of connection tokens, in seconds [default: 60].
     #[arg(long, env = "MORRIGAN_CONNECTION_TOKEN_TTL")]
     connection_token_ttl: Option<u64>,
@@ -71,6 +75,7 @@ struct FileConfig {
     public_url: Option<String>,
     database_url: Option<String>,
     heartbeat_interval: Option<u64>,
+    write_timeout: Option<u64>,
     connection_token_ttl: Option<u64>,
     max_message_size: Option<usize>,
     max_messages_per_second: Option<u32>,
@@ -113,6 +118,13 @@ fn resolve(args: ServeArgs) -> anyhow::Result<Config> {
     if let Some(s) = args.heartbeat_interval.or(file.heartbeat_interval) {
         anyhow::ensure!(s >= 1, "--heartbeat-interval must be at least 1 second");
         c.heartbeat_interval = Duration::from_secs(s);
+    }
+    if let Some(s) = args.write_timeout.or(file.write_timeout) {
+        anyhow::ensure!(
+            (1..=3600).contains(&s),
+            "--write-timeout must be 1 to 3600 seconds"
+        );
+        c.write_timeout = Some(Duration::from_secs(s));
     }
     if let Some(s) = args.connection_token_ttl.or(file.connection_token_ttl) {
         anyhow::ensure!(

@@ -1,5 +1,6 @@
 //! The in-process bus: nodes in the same process (a single node, or a test cluster) find each
-//! other's hubs in a shared registry. With one node every remote request is `NoRoute`.
+//! other's command handlers in a shared registry. With one node every remote request is
+//! `NoRoute`.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -8,21 +9,23 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use tokio::sync::broadcast;
 
-use super::{Bus, BusCommand, BusError, BusReply, apply};
-use crate::hub::Hub;
+use super::{Bus, BusCommand, BusError, BusReply, CommandHandler};
 
-/// A registry of in-process nodes' hubs. Share one `Arc<LocalBus>` between nodes of a cluster.
+/// A registry of in-process nodes. Share one `Arc<LocalBus>` between nodes of a cluster.
 pub struct LocalBus {
-    hubs: DashMap<String, Weak<Hub>>,
+    nodes: DashMap<String, Weak<dyn CommandHandler>>,
     /// Events of every in-process node.
     events: broadcast::Sender<Arc<str>>,
+    /// How long after its take deadline a node may still report a frame's outcome.
+    write_bound: std::sync::Mutex<Duration>,
 }
 
 impl Default for LocalBus {
     fn default() -> Self {
         Self {
-            hubs: DashMap::new(),
+            nodes: DashMap::new(),
             events: broadcast::channel(super::EVENT_BUFFER).0,
+            write_bound: std::sync::Mutex::new(Duration::from_secs(11)),
         }
     }
 }
@@ -32,13 +35,19 @@ impl LocalBus {
         Arc::new(Self::default())
     }
 
-    /// Makes `hub` reachable as node `node_id`.
-    pub fn register(&self, node_id: &str, hub: &Arc<Hub>) {
-        self.hubs.insert(node_id.to_string(), Arc::downgrade(hub));
-    }
-
-    pub fn unregister(&self, node_id: &str) {
-        self.hubs.remove(node_id);
+    /// Makes `handler` reachable as node `node_id`. The bus holds it weakly: a node that is
+    /// gone is unreachable.
+    pub fn register(
+        &self,
+        node_id: &str,
+        handler: &Arc<dyn CommandHandler>,
+        write_bound: Duration,
+    ) {
+        self.nodes
+            .insert(node_id.to_string(), Arc::downgrade(handler));
+        if let Ok(mut b) = self.write_bound.lock() {
+            *b = (*b).max(write_bound);
+        }
     }
 }
 
@@ -50,12 +59,18 @@ impl Bus for LocalBus {
         command: BusCommand,
         timeout: Duration,
     ) -> Result<BusReply, BusError> {
-        let hub = self
-            .hubs
+        let handler = self
+            .nodes
             .get(node_id)
             .and_then(|w| w.upgrade())
             .ok_or_else(|| BusError::NoRoute(node_id.to_string()))?;
-        tokio::time::timeout(timeout, apply(&hub, command))
+        let take_by = tokio::time::Instant::now() + timeout;
+        let bound = self
+            .write_bound
+            .lock()
+            .map(|b| *b)
+            .unwrap_or(Duration::from_secs(11));
+        tokio::time::timeout(timeout + bound, handler.handle(command, take_by))
             .await
             .map_err(|_| BusError::Timeout(node_id.to_string()))
     }
@@ -76,6 +91,6 @@ impl Bus for LocalBus {
 
     /// A single node: nothing else can reach (or hold) this store's sockets.
     fn alone(&self) -> bool {
-        self.hubs.len() <= 1
+        self.nodes.len() <= 1
     }
 }

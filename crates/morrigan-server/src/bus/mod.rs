@@ -6,19 +6,28 @@
 //!
 //! Backends, one file each: [`local`] (in-process: a single node, or several nodes in one
 //! process), [`postgres`] (LISTEN/NOTIFY, the default with a PostgreSQL store: no extra
-//! service), [`nats`] (request/reply, for higher rates).
+//! service), [`nats`] (NATS, for higher rates). The two networked backends share one request
+//! protocol ([`rpc`]); none of them knows the hub: commands that reach a node are handed to the
+//! [`CommandHandler`] the node gave the bus when it started.
+//!
+//! **No answered failure is carried out later.** Every command carries two deadlines (wall
+//! clock): the owner must *receive* it by the first, or drops it unread, and the connection
+//! must *take* its frame by the second, or it is never written. The requester waits for the
+//! owner's receipt a little longer than the first deadline before answering 503, and for the
+//! outcome a little longer than the owner can take to produce it before answering 504. A bus
+//! that knows it is disconnected answers [`BusError::Unavailable`] at once. This assumes the
+//! nodes' clocks agree to well within [`rpc::RECEIPT_WINDOW`] (NTP does).
 
 pub mod local;
 pub mod nats;
 pub mod postgres;
+pub(crate) mod rpc;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-
-use crate::hub::{Hub, SendError};
 
 /// A command for the node holding a connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,28 +55,45 @@ pub enum BusReply {
     NotHere,
     /// The connection closed before the frame was written.
     Closed,
-    /// The connection did not take the frame in time.
+    /// The connection did not take the frame by the deadline; it will never be written.
     Timeout,
+    /// The device did not read the frame within the write timeout; its socket was dropped.
+    WriteTimeout,
+    /// Receipt: the owner got the command in time and is carrying it out (not a final answer).
+    Received,
 }
 
 /// Why a command got no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
-    /// No node with that id is listening.
+    /// No node with that id is listening, or it did not acknowledge the command in time (it
+    /// will drop the command if it gets it later).
     #[error("node {0} is not reachable on the bus")]
     NoRoute(String),
-    /// The node did not answer in time.
+    /// The node acknowledged the command but gave no outcome in time.
     #[error("node {0} did not answer in time")]
     Timeout(String),
+    /// This node's bus is disconnected: nothing was sent.
+    #[error("the cluster bus is disconnected")]
+    Unavailable,
     /// The bus itself failed.
     #[error("cluster bus failure: {0}")]
     Transport(String),
 }
 
+/// What a node does with a command that reached it. The node implements it over its hub; the
+/// bus only carries commands and answers.
+#[async_trait]
+pub trait CommandHandler: Send + Sync + 'static {
+    /// Carries out `command`; a frame must be taken by `take_by`.
+    async fn handle(&self, command: BusCommand, take_by: tokio::time::Instant) -> BusReply;
+}
+
 /// Carries commands between nodes.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
-    /// Sends `command` to node `node_id` and waits (at most `timeout`) for its answer.
+    /// Sends `command` to node `node_id`; its frame must be taken within `timeout`. Waits for
+    /// the node's answer (see the module documentation for the bounds).
     async fn request(
         &self,
         node_id: &str,
@@ -95,56 +121,6 @@ pub trait Bus: Send + Sync + 'static {
 /// Events buffered per subscriber before it lags.
 pub const EVENT_BUFFER: usize = 1024;
 
-/// How long the owning node waits for a connection to take a frame.
-pub const APPLY_TIMEOUT: Duration = Duration::from_secs(8);
-
-/// Executes a command received from the bus against this node's hub.
-pub async fn apply(hub: &Hub, command: BusCommand) -> BusReply {
-    match command {
-        BusCommand::Send {
-            connection_id,
-            text,
-        } => match hub.send(&connection_id, text, APPLY_TIMEOUT).await {
-            Ok(()) => BusReply::Ok,
-            Err(SendError::NotHere) => BusReply::NotHere,
-            Err(SendError::Closed) => BusReply::Closed,
-            Err(SendError::Timeout) => BusReply::Timeout,
-        },
-        BusCommand::Close {
-            connection_id,
-            code,
-            reason,
-        } => {
-            let (tx, done) = tokio::sync::oneshot::channel();
-            if hub.close(&connection_id, code, &reason, Some(tx)).await {
-                let _ = tokio::time::timeout(APPLY_TIMEOUT, done).await;
-                BusReply::Ok
-            } else {
-                BusReply::NotHere
-            }
-        }
-    }
-}
-
-/// The wire envelope of the PostgreSQL and NATS backends.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct Envelope {
-    /// Correlation id.
-    pub id: String,
-    /// The requesting node (replies go to its channel).
-    pub from: String,
-    /// The command, inline...
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub command: Option<BusCommand>,
-    /// ...or the id of a stashed payload, when the command is too large for the transport.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stash: Option<String>,
-    /// Set on replies.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reply: Option<BusReply>,
-}
-
 /// Which bus a node uses.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub enum BusConfig {
@@ -155,60 +131,4 @@ pub enum BusConfig {
     Local,
     /// NATS at this URL.
     Nats(String),
-}
-
-/// Resolves a stashed command (a command too large for the transport travels through the store).
-pub(crate) async fn unstash(
-    store: &Arc<dyn crate::store::Store>,
-    env: &Envelope,
-) -> Option<BusCommand> {
-    if let Some(c) = &env.command {
-        return Some(c.clone());
-    }
-    let id = env.stash.as_deref()?;
-    match store.take_payload(id).await {
-        Ok(Some(body)) => serde_json::from_str(&body).ok(),
-        Ok(None) => None,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not fetch a stashed bus payload");
-            None
-        }
-    }
-}
-
-/// Builds an envelope for `command`, stashing it in the store if its JSON exceeds `limit`.
-pub(crate) async fn envelope(
-    store: &Arc<dyn crate::store::Store>,
-    from: &str,
-    command: BusCommand,
-    limit: usize,
-) -> Result<(String, String), BusError> {
-    let id = uuid::Uuid::new_v4().to_string();
-    let inline = Envelope {
-        id: id.clone(),
-        from: from.to_string(),
-        command: Some(command),
-        stash: None,
-        reply: None,
-    };
-    let text = serde_json::to_string(&inline).map_err(|e| BusError::Transport(e.to_string()))?;
-    if text.len() <= limit {
-        return Ok((id, text));
-    }
-    let body =
-        serde_json::to_string(&inline.command).map_err(|e| BusError::Transport(e.to_string()))?;
-    let stash_id = uuid::Uuid::new_v4().to_string();
-    store
-        .stash_payload(&stash_id, &body, &morrigan_protocol::time_format::now())
-        .await
-        .map_err(|e| BusError::Transport(e.to_string()))?;
-    let stashed = Envelope {
-        id: id.clone(),
-        from: from.to_string(),
-        command: None,
-        stash: Some(stash_id),
-        reply: None,
-    };
-    let text = serde_json::to_string(&stashed).map_err(|e| BusError::Transport(e.to_string()))?;
-    Ok((id, text))
 }

@@ -1,5 +1,8 @@
-//! NATS bus: request/reply on the subject `morrigan.node.<id>`. NATS answers "no responders"
-//! at once when the node is gone, and carries far more messages per second than NOTIFY.
+//! NATS bus: requests go to the subject `morrigan.node.<id>`, replies to
+//! `morrigan.reply.<requester>.<correlation id>` (protocol in [`super::rpc`]). NATS answers
+//! "no responders" at once when the owner is gone, and carries far more messages per second
+//! than NOTIFY. While the client is disconnected the bus reports it and requests fail at once;
+//! commands the client buffered meanwhile reach their owner late and are dropped there.
 //! Commands larger than the server's `max_payload` travel through the store.
 
 use std::sync::Arc;
@@ -10,35 +13,91 @@ use futures_util::StreamExt;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::{Bus, BusCommand, BusError, BusReply, Envelope, apply, envelope, unstash};
-use crate::hub::Hub;
+use super::rpc::{Envelope, Rpc, Transport};
+use super::{Bus, BusCommand, BusError, BusReply, CommandHandler};
 use crate::store::Store;
 
 /// The subject every node subscribes to for cluster events.
 pub const EVENTS_SUBJECT: &str = "morrigan.events";
 
+/// Each publish is bounded (the client queues it; a full queue must not hold a request).
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+
 fn subject(node_id: &str) -> String {
     format!("morrigan.node.{node_id}")
+}
+
+fn reply_subject(node_id: &str, id: &str) -> String {
+    format!("morrigan.reply.{node_id}.{id}")
 }
 
 fn transport(e: impl std::fmt::Display) -> BusError {
     BusError::Transport(e.to_string())
 }
 
-pub struct NatsBus {
+struct Client {
     client: async_nats::Client,
-    store: Arc<dyn Store>,
     node_id: String,
+}
+
+impl Client {
+    async fn bounded<F, E>(&self, publish: F) -> Result<(), BusError>
+    where
+        F: std::future::Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(transport(e)),
+            Err(_) => Err(BusError::Transport("NATS publish timed out".into())),
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for Client {
+    async fn send_request(&self, to: &str, id: &str, payload: String) -> Result<(), BusError> {
+        self.bounded(self.client.publish_with_reply(
+            subject(to),
+            reply_subject(&self.node_id, id),
+            payload.into_bytes().into(),
+        ))
+        .await
+    }
+
+    async fn send_reply(&self, to: &str, id: &str, payload: String) -> Result<(), BusError> {
+        self.bounded(
+            self.client
+                .publish(reply_subject(to, id), payload.into_bytes().into()),
+        )
+        .await
+    }
+
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn limit(&self) -> usize {
+        self.client.server_info().max_payload.saturating_sub(1024)
+    }
+}
+
+pub struct NatsBus {
+    client: Arc<Client>,
+    rpc: Arc<Rpc>,
     events: broadcast::Sender<Arc<str>>,
 }
 
 impl NatsBus {
-    /// Connects to `url` and starts answering this node's subject until `stop` is cancelled.
+    /// Connects to `url` and serves this node's subject, handing commands to `handler`, until
+    /// `stop` is cancelled. `write_bound` is how long this node's connections may take to report
+    /// a frame they took.
     pub async fn start(
         url: &str,
         store: Arc<dyn Store>,
         node_id: &str,
-        hub: Arc<Hub>,
+        handler: Arc<dyn CommandHandler>,
+        write_bound: Duration,
         stop: CancellationToken,
     ) -> Result<Arc<Self>, BusError> {
         let client = async_nats::ConnectOptions::new()
@@ -46,15 +105,21 @@ impl NatsBus {
             .connect(url)
             .await
             .map_err(transport)?;
-        let mut sub = client
+        let mut requests = client
             .subscribe(subject(node_id))
+            .await
+            .map_err(transport)?;
+        let mut replies = client
+            .subscribe(format!("morrigan.reply.{node_id}.>"))
             .await
             .map_err(transport)?;
         let mut event_sub = client.subscribe(EVENTS_SUBJECT).await.map_err(transport)?;
         let bus = Arc::new(Self {
-            client,
-            store,
-            node_id: node_id.to_string(),
+            client: Arc::new(Client {
+                client,
+                node_id: node_id.to_string(),
+            }),
+            rpc: Arc::new(Rpc::new(node_id, store, write_bound)),
             events: broadcast::channel(super::EVENT_BUFFER).0,
         });
         let events = bus.events.clone();
@@ -72,35 +137,53 @@ impl NatsBus {
             }
             let _ = event_sub.unsubscribe().await;
         });
+        let rpc = bus.rpc.clone();
+        let stop_replies = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = stop_replies.cancelled() => break,
+                    m = replies.next() => m,
+                };
+                let Some(msg) = msg else { break };
+                if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                    if let Some(id) = msg.subject.as_str().rsplit('.').next() {
+                        rpc.no_responders(id);
+                    }
+                    continue;
+                }
+                match serde_json::from_slice::<Envelope>(&msg.payload) {
+                    Ok(Envelope {
+                        id,
+                        reply: Some(reply),
+                        ..
+                    }) => rpc.on_reply(&id, reply),
+                    _ => tracing::warn!("malformed bus reply ignored"),
+                }
+            }
+            let _ = replies.unsubscribe().await;
+        });
         let me = bus.clone();
         tokio::spawn(async move {
             loop {
                 let msg = tokio::select! {
                     _ = stop.cancelled() => break,
-                    m = sub.next() => m,
+                    m = requests.next() => m,
                 };
                 let Some(msg) = msg else { break };
-                let Some(reply_to) = msg.reply.clone() else {
+                let Ok(envelope) = serde_json::from_slice::<Envelope>(&msg.payload) else {
+                    tracing::warn!("malformed bus request ignored");
                     continue;
                 };
                 let me = me.clone();
-                let hub = hub.clone();
+                let handler = handler.clone();
                 tokio::spawn(async move {
-                    let reply = match serde_json::from_slice::<Envelope>(&msg.payload) {
-                        Ok(env) => match unstash(&me.store, &env).await {
-                            Some(cmd) => apply(&hub, cmd).await,
-                            None => BusReply::NotHere,
-                        },
-                        Err(_) => BusReply::NotHere,
-                    };
-                    if let Ok(body) = serde_json::to_vec(&reply)
-                        && let Err(e) = me.client.publish(reply_to, body.into()).await
-                    {
-                        tracing::warn!(error = %e, "could not answer a bus request");
-                    }
+                    me.rpc
+                        .serve(me.client.as_ref(), handler.as_ref(), envelope)
+                        .await;
                 });
             }
-            let _ = sub.unsubscribe().await;
+            let _ = requests.unsubscribe().await;
         });
         Ok(bus)
     }
@@ -114,30 +197,19 @@ impl Bus for NatsBus {
         command: BusCommand,
         timeout: Duration,
     ) -> Result<BusReply, BusError> {
-        let limit = self.client.server_info().max_payload.saturating_sub(1024);
-        let (_, text) = envelope(&self.store, &self.node_id, command, limit).await?;
-        let request = async_nats::Request::new()
-            .payload(text.into_bytes().into())
-            .timeout(Some(timeout));
-        match self.client.send_request(subject(node_id), request).await {
-            Ok(msg) => serde_json::from_slice(&msg.payload).map_err(transport),
-            Err(e) => match e.kind() {
-                async_nats::RequestErrorKind::NoResponders => {
-                    Err(BusError::NoRoute(node_id.to_string()))
-                }
-                async_nats::RequestErrorKind::TimedOut => {
-                    Err(BusError::Timeout(node_id.to_string()))
-                }
-                _ => Err(transport(e)),
-            },
-        }
+        self.rpc
+            .request(self.client.as_ref(), node_id, command, timeout)
+            .await
     }
 
     async fn publish_event(&self, event: &str) -> Result<(), BusError> {
         self.client
-            .publish(EVENTS_SUBJECT, event.to_string().into_bytes().into())
+            .bounded(
+                self.client
+                    .client
+                    .publish(EVENTS_SUBJECT, event.to_string().into_bytes().into()),
+            )
             .await
-            .map_err(transport)
     }
 
     fn subscribe_events(&self) -> broadcast::Receiver<Arc<str>> {

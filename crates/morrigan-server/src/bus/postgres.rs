@@ -1,24 +1,26 @@
 //! PostgreSQL LISTEN/NOTIFY bus: the default with a PostgreSQL store, so a cluster needs no
 //! service besides its database.
 //!
-//! Each node LISTENs on `morrigan_node_<id>`; a request is a NOTIFY on the owner's channel, the
-//! answer a NOTIFY on the requester's. NOTIFY payloads are limited to 8000 bytes, so a larger
-//! command is stashed in the store and only its id is notified (never silently truncated).
-//! NOTIFY is at-most-once: a lost request or answer surfaces as a timeout (504), not as a
-//! false success.
+//! Each node LISTENs on `morrigan_node_<id>`; requests and replies are NOTIFYs on the other
+//! node's channel (protocol in [`super::rpc`]). NOTIFY payloads are limited to 8000 bytes, so a
+//! larger command is stashed in the store and only its id is notified (never truncated).
+//!
+//! The node knows whether its listener is live: it notifies itself a pulse every
+//! [`PULSE_PERIOD`]; while no pulse has come back for [`PULSE_LOST`], the bus reports itself
+//! disconnected and requests fail at once instead of waiting for answers that cannot arrive.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dashmap::DashMap;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::{Bus, BusCommand, BusError, BusReply, Envelope, apply, envelope, unstash};
-use crate::hub::Hub;
+use super::rpc::{Envelope, Rpc, Transport, now_ms};
+use super::{Bus, BusCommand, BusError, BusReply, CommandHandler};
 use crate::store::Store;
 
 /// Payloads above this many bytes travel through the store.
@@ -26,6 +28,15 @@ pub const NOTIFY_LIMIT: usize = 7000;
 
 /// The channel every node LISTENs on for cluster events.
 pub const EVENTS_CHANNEL: &str = "morrigan_events";
+
+/// How often a node checks its own listener.
+const PULSE_PERIOD: Duration = Duration::from_millis(500);
+/// A listener that has not heard its own pulse for this long is down.
+const PULSE_LOST: Duration = Duration::from_millis(2500);
+/// The payload of a pulse (not JSON, so never mistaken for an envelope).
+const PULSE: &str = "pulse";
+/// Each NOTIFY is bounded: a database that does not answer must not hold a request or reply.
+const NOTIFY_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn channel(node_id: &str) -> String {
     format!("morrigan_node_{}", node_id.replace('-', ""))
@@ -35,52 +46,120 @@ fn transport(e: impl std::fmt::Display) -> BusError {
     BusError::Transport(e.to_string())
 }
 
-pub struct PgBus {
+/// The NOTIFY side of the bus.
+struct Notifier {
     pool: PgPool,
-    store: Arc<dyn Store>,
+    /// Unix ms of the last pulse heard back.
+    last_pulse: AtomicI64,
+}
+
+impl Notifier {
+    async fn notify(&self, channel: &str, payload: &str) -> Result<(), BusError> {
+        let query = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel)
+            .bind(payload)
+            .execute(&self.pool);
+        match tokio::time::timeout(NOTIFY_TIMEOUT, query).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(transport(e)),
+            Err(_) => Err(BusError::Transport("NOTIFY timed out".into())),
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for Notifier {
+    async fn send_request(&self, to: &str, _id: &str, payload: String) -> Result<(), BusError> {
+        self.notify(&channel(to), &payload).await
+    }
+
+    async fn send_reply(&self, to: &str, _id: &str, payload: String) -> Result<(), BusError> {
+        self.notify(&channel(to), &payload).await
+    }
+
+    fn connected(&self) -> bool {
+        now_ms() - self.last_pulse.load(Ordering::Acquire) < PULSE_LOST.as_millis() as i64
+    }
+
+    fn limit(&self) -> usize {
+        NOTIFY_LIMIT
+    }
+}
+
+pub struct PgBus {
+    notifier: Arc<Notifier>,
+    rpc: Arc<Rpc>,
     node_id: String,
-    pending: DashMap<String, oneshot::Sender<BusReply>>,
     events: broadcast::Sender<Arc<str>>,
 }
 
 impl PgBus {
-    /// Starts listening for this node's commands; stops when `stop` is cancelled.
+    /// Starts listening for this node's commands, which go to `handler`; stops when `stop` is
+    /// cancelled. `write_bound` is how long this node's connections may take to report a frame
+    /// they took (their write timeout and slack).
     pub async fn start(
         pool: PgPool,
         store: Arc<dyn Store>,
         node_id: &str,
-        hub: Arc<Hub>,
+        handler: Arc<dyn CommandHandler>,
+        write_bound: Duration,
         stop: CancellationToken,
     ) -> Result<Arc<Self>, BusError> {
         let mut listener = PgListener::connect_with(&pool).await.map_err(transport)?;
+        let own = channel(node_id);
         listener
-            .listen_all([channel(node_id).as_str(), EVENTS_CHANNEL])
+            .listen_all([own.as_str(), EVENTS_CHANNEL])
             .await
             .map_err(transport)?;
-        let bus = Arc::new(Self {
+        let notifier = Arc::new(Notifier {
             pool,
-            store,
+            last_pulse: AtomicI64::new(now_ms()),
+        });
+        let bus = Arc::new(Self {
+            notifier: notifier.clone(),
+            rpc: Arc::new(Rpc::new(node_id, store, write_bound)),
             node_id: node_id.to_string(),
-            pending: DashMap::new(),
             events: broadcast::channel(super::EVENT_BUFFER).0,
+        });
+        let pulse = notifier.clone();
+        let stop_pulse = stop.clone();
+        let own_pulse = own.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PULSE_PERIOD);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop_pulse.cancelled() => break,
+                    _ = tick.tick() => {
+                        let _ = pulse.notify(&own_pulse, PULSE).await;
+                    }
+                }
+            }
         });
         let me = bus.clone();
         tokio::spawn(async move {
             loop {
                 let received = tokio::select! {
                     _ = stop.cancelled() => break,
-                    n = listener.recv() => n,
+                    n = listener.try_recv() => n,
                 };
                 match received {
-                    Ok(n) if n.channel() == EVENTS_CHANNEL => {
+                    Ok(Some(n)) if n.channel() == EVENTS_CHANNEL => {
                         let _ = me.events.send(Arc::from(n.payload()));
                     }
-                    Ok(n) => me.on_payload(n.payload(), &hub),
+                    Ok(Some(n)) if n.payload() == PULSE => {
+                        me.notifier.last_pulse.store(now_ms(), Ordering::Release);
+                    }
+                    Ok(Some(n)) => me.on_payload(n.payload(), &handler),
+                    // The connection was lost: the next try_recv reconnects. Notifications sent
+                    // meanwhile are lost; the pulse stops, so requests fail fast until it is back.
+                    Ok(None) => tracing::warn!("bus listener lost its connection; reconnecting"),
                     Err(e) => {
-                        // PgListener reconnects on the next recv; notifications sent meanwhile
-                        // are lost and surface as timeouts at the requester.
                         tracing::warn!(error = %e, "bus listener failed; reconnecting");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        }
                     }
                 }
             }
@@ -88,47 +167,22 @@ impl PgBus {
         Ok(bus)
     }
 
-    fn on_payload(self: &Arc<Self>, payload: &str, hub: &Arc<Hub>) {
-        let Ok(env) = serde_json::from_str::<Envelope>(payload) else {
+    fn on_payload(self: &Arc<Self>, payload: &str, handler: &Arc<dyn CommandHandler>) {
+        let Ok(envelope) = serde_json::from_str::<Envelope>(payload) else {
             tracing::warn!("malformed bus payload ignored");
             return;
         };
-        if let Some(reply) = env.reply {
-            if let Some((_, tx)) = self.pending.remove(&env.id) {
-                let _ = tx.send(reply);
-            }
+        if let Some(reply) = envelope.reply {
+            self.rpc.on_reply(&envelope.id, reply);
             return;
         }
-        let me = self.clone();
-        let hub = hub.clone();
+        let rpc = self.rpc.clone();
+        let notifier = self.notifier.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
-            let reply = match unstash(&me.store, &env).await {
-                Some(cmd) => apply(&hub, cmd).await,
-                None => BusReply::NotHere,
-            };
-            let answer = Envelope {
-                id: env.id,
-                from: me.node_id.clone(),
-                command: None,
-                stash: None,
-                reply: Some(reply),
-            };
-            if let Ok(text) = serde_json::to_string(&answer)
-                && let Err(e) = me.notify(&channel(&env.from), &text).await
-            {
-                tracing::warn!(error = %e, "could not answer a bus request");
-            }
+            rpc.serve(notifier.as_ref(), handler.as_ref(), envelope)
+                .await;
         });
-    }
-
-    async fn notify(&self, channel: &str, payload: &str) -> Result<(), BusError> {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(channel)
-            .bind(payload)
-            .execute(&self.pool)
-            .await
-            .map_err(transport)?;
-        Ok(())
     }
 }
 
@@ -140,27 +194,16 @@ impl Bus for PgBus {
         command: BusCommand,
         timeout: Duration,
     ) -> Result<BusReply, BusError> {
-        let (id, text) = envelope(&self.store, &self.node_id, command, NOTIFY_LIMIT).await?;
-        let (tx, rx) = oneshot::channel();
-        self.pending.insert(id.clone(), tx);
-        if let Err(e) = self.notify(&channel(node_id), &text).await {
-            self.pending.remove(&id);
-            return Err(e);
-        }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(reply)) => Ok(reply),
-            _ => {
-                self.pending.remove(&id);
-                Err(BusError::Timeout(node_id.to_string()))
-            }
-        }
+        self.rpc
+            .request(self.notifier.as_ref(), node_id, command, timeout)
+            .await
     }
 
     async fn publish_event(&self, event: &str) -> Result<(), BusError> {
         if event.len() > NOTIFY_LIMIT {
             return Err(BusError::Transport("event too large for NOTIFY".into()));
         }
-        self.notify(EVENTS_CHANNEL, event).await
+        self.notifier.notify(EVENTS_CHANNEL, event).await
     }
 
     fn subscribe_events(&self) -> broadcast::Receiver<Arc<str>> {
@@ -169,5 +212,13 @@ impl Bus for PgBus {
 
     fn name(&self) -> &'static str {
         "postgres"
+    }
+}
+
+impl std::fmt::Debug for PgBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgBus")
+            .field("node", &self.node_id)
+            .finish()
     }
 }

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{ConnectInfo, Path, Query, State, rejection::QueryRejection};
 use axum::http::header::{AUTHORIZATION, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -21,17 +20,22 @@ use serde_json::Value;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::upgrade::{Socket, Upgrade};
 use crate::auth::{User, functions};
 use crate::bus::BusCommand;
 use crate::cluster;
 use crate::error::{ApiError, ApiResult};
-use crate::hub::SendError;
+use crate::hub::{Closed, SendError};
 use crate::state::AppState;
 use crate::store::{CloseInfo, ConnectionFilter, Proof};
 use crate::tokens::{self, TokenError};
 
-/// How long a REST send waits for the frame to be written.
+/// How long a REST send waits for the connection to take its frame. A frame not taken by then
+/// is never written (504); a frame taken is written, or its socket closed, within the write
+/// timeout.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Slack over the write timeout for the connection task to report a taken frame's outcome.
+const SEND_GRACE: Duration = Duration::from_secs(1);
 /// Largest page of records one list call returns.
 pub const MAX_LIST: u32 = 10_000;
 
@@ -268,7 +272,13 @@ async fn send(
     MessageType::parse(ty)
         .map_err(|e| ApiError::bad_request(format!("Invalid message type: {e}.")))?;
     let started = std::time::Instant::now();
-    let result = match s.hub.send(&id, text.to_string(), SEND_TIMEOUT).await {
+    let take_by = tokio::time::Instant::now() + SEND_TIMEOUT;
+    let write_bound = s.config.effective_write_timeout() + SEND_GRACE;
+    let result = match s
+        .hub
+        .send(&id, text.to_string(), take_by, write_bound)
+        .await
+    {
         Ok(()) => Ok(()),
         Err(SendError::NotHere) => {
             let command = BusCommand::Send {
@@ -277,10 +287,7 @@ async fn send(
             };
             cluster::route(&s, &id, command).await
         }
-        Err(SendError::Closed) => Err(ApiError::conflict("Connection closed.")),
-        Err(SendError::Timeout) => Err(ApiError::timeout(
-            "The connection did not take the message in time.",
-        )),
+        Err(e) => Err(e.into()),
     };
     let outcome = match &result {
         Ok(()) => "ok",
@@ -328,12 +335,7 @@ async fn close_connection(
             "The reason is longer than 120 bytes.",
         ));
     }
-    let (done_tx, done) = tokio::sync::oneshot::channel();
-    if s.hub
-        .close(&id, close::CLOSED_BY_OPERATOR, &reason, Some(done_tx))
-        .await
-    {
-        let _ = tokio::time::timeout(SEND_TIMEOUT, done).await;
+    if s.hub.close(&id, close::CLOSED_BY_OPERATOR, &reason).await != Closed::NotHere {
         tracing::info!(by = %user.identity.name, connection = %id, "connection closed by operator");
         return Ok(Json(StatusResponse {
             status: "success".into(),
@@ -442,19 +444,12 @@ async fn connect(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<Upgrade, ApiError>,
 ) -> Response {
     // Check the upgrade first so that a plain GET never consumes a token.
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(e) => {
-            return ApiError::new(
-                StatusCode::UPGRADE_REQUIRED,
-                "requestError",
-                format!("This endpoint takes a WebSocket upgrade: {e}"),
-            )
-            .into_response();
-        }
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(e) => return e.into_response(),
     };
     if s.shutdown.is_cancelled() {
         return ApiError::unavailable("The node is shutting down.").into_response();
@@ -541,41 +536,48 @@ async fn connect(
         }
         Ok(Some(r)) => r,
     };
-    let mut ws = ws
-        // Small, because it stays allocated for the socket's life (2 KiB → 512 B took an idle
-        // connection from 9.3 to 7.8 KiB at 10,000). It bounds one read syscall, not a frame:
-        // tungstenite reserves a frame's full length when its header arrives. A device's
-        // messages are mostly a few hundred bytes; a 64 KiB one costs 128 reads (~0.2 ms).
+    let config = tungstenite::protocol::WebSocketConfig::default()
+        // Small, because it stays allocated for the socket's life. It bounds one read
+        // syscall, not a frame: tungstenite reserves a frame's full length when its header
+        // arrives, and a device's messages are mostly a few hundred bytes.
         .read_buffer_size(512)
         .write_buffer_size(0)
+        // Room for one operator frame plus the small replies and pings queued behind it; a
+        // device that lets more pile up is not reading and is dropped with 4008.
         .max_write_buffer_size(s.config.max_message_size + 64 * 1024)
-        .max_message_size(s.config.max_message_size)
-        .max_frame_size(s.config.max_message_size);
-    if let Some(p) = protocol {
-        ws.set_selected_protocol(p);
-    }
+        .max_message_size(Some(s.config.max_message_size))
+        .max_frame_size(Some(s.config.max_message_size));
     let failed_state = s.clone();
     let failed_id = accepted.id.clone();
     let session_state = s.clone();
     let tracker = s.sessions.clone();
-    ws.on_failed_upgrade(move |e| {
-        tracing::info!(error = %e, connection = %failed_id, "upgrade failed after accept");
-        tokio::spawn(async move {
-            let now = time_format::now();
-            let _ = failed_state
-                .store
-                .close_connection(
-                    &failed_id,
-                    &CloseInfo {
-                        at: &now,
-                        code: 1006,
-                        reason: "upgrade failed",
-                    },
-                )
-                .await;
-        });
-    })
-    .on_upgrade(move |socket| {
-        tracker.track_future(crate::session::run(session_state, accepted, socket))
-    })
+    upgrade.accept(
+        protocol,
+        config,
+        move |socket| {
+            tracker.track_future(async move {
+                match socket {
+                    Socket::Tcp(ws) => crate::session::run(session_state, accepted, ws).await,
+                    Socket::Upgraded(ws) => crate::session::run(session_state, accepted, ws).await,
+                }
+            })
+        },
+        move |e| {
+            tracing::info!(error = %e, connection = %failed_id, "upgrade failed after accept");
+            tokio::spawn(async move {
+                let now = time_format::now();
+                let _ = failed_state
+                    .store
+                    .close_connection(
+                        &failed_id,
+                        &CloseInfo {
+                            at: &now,
+                            code: close::ABNORMAL,
+                            reason: "upgrade failed",
+                        },
+                    )
+                    .await;
+            });
+        },
+    )
 }

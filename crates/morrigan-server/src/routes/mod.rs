@@ -9,6 +9,7 @@ pub mod events;
 pub mod node;
 pub mod system;
 pub mod ui;
+pub mod upgrade;
 
 use axum::Router;
 use axum::body::Bytes;

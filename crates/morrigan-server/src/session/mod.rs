@@ -1,0 +1,426 @@
+//! One WebSocket connection's task.
+//!
+//! The task owns the socket: it reads frames, writes the frames queued by REST sends, pings on
+//! the heartbeat period, hands device messages to their providers, and on any end writes the
+//! record (`open:false`, `alive:false`, `disconnected`, close code and reason) before it returns.
+//! Nothing else touches the socket, so there is no lock on it, and the task spawns nothing.
+//!
+//! No peer can stall it: writes are appended and flushed beside reading, pinging and handling
+//! (a device that stops reading is dropped with 4008 once the write timeout passes, and its
+//! liveness is judged meanwhile as for any silent device); a device message whose handler waits
+//! does not hold up writes; a close requested through the hub's [`Control`] is seen at once,
+//! and a task that does not end within the hub's grace period is forced.
+
+mod inbound;
+mod wire;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+
+pub(crate) use wire::CLOSE_WAIT;
+
+use morrigan_protocol::close;
+use morrigan_protocol::message::{ConnectionState, error_kinds, types};
+use morrigan_protocol::records::ConnectionRecord;
+use morrigan_protocol::time_format;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tracing::Instrument;
+use tungstenite::Message;
+
+use crate::hooks::Disconnect;
+use crate::hub::{ConnHandle, Control, Liveness, Outgoing};
+use crate::providers::MessageContext;
+use crate::state::AppState;
+use crate::store::CloseInfo;
+use crate::ticket::SendError;
+use inbound::{Inbound, Inbox, RateLimit, error_frame};
+use wire::{AppendError, Io, Wire};
+
+/// Frames queued per connection before senders wait (small: a frame is taken as soon as the
+/// previous one reached the socket).
+pub const COMMAND_QUEUE: usize = 8;
+
+fn now_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0),
+    )
+    .unwrap_or(i64::MAX)
+}
+
+/// How the connection ended.
+struct End {
+    code: u16,
+    reason: String,
+}
+
+impl End {
+    fn new(code: u16, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+
+    fn lost(reason: impl Into<String>) -> Self {
+        Self::new(close::ABNORMAL, reason)
+    }
+}
+
+/// Runs an accepted connection to its end.
+pub async fn run<S>(state: AppState, record: ConnectionRecord, socket: WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let span = tracing::info_span!("conn", id = %record.id, client = %record.client_id);
+    run_inner(state, record, socket).instrument(span).await
+}
+
+async fn run_inner<S>(state: AppState, record: ConnectionRecord, socket: WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let id: Arc<str> = Arc::from(record.id.as_str());
+    let client_id: Arc<str> = Arc::from(record.client_id.as_str());
+    let (tx, mut rx) = mpsc::channel(COMMAND_QUEUE);
+    let liveness = Arc::new(Liveness::new(now_ms()));
+    let control = Arc::new(Control::default());
+    let replaced = state.hub.insert(
+        id.clone(),
+        ConnHandle {
+            client_id: client_id.clone(),
+            tx: tx.clone(),
+            liveness: liveness.clone(),
+            control: control.clone(),
+        },
+    );
+    tracing::info!(address = ?record.client_address, "connected");
+    let mut wire = Wire::new(socket, state.config.effective_write_timeout());
+
+    // Alone, the hub knows every live connection: the one this replaced is the older one. In a
+    // cluster the older one may be on another node, which only the store knows.
+    let superseded = if state.bus.alone() {
+        if let Some(older) = replaced {
+            let reason = format!("superseded by connection {}", record.id);
+            // Not waited for: the older task closes on its own, within its own bounds.
+            let _ = state.hub.request_close(&older, close::SUPERSEDED, &reason);
+            tracing::info!(older = %older, "superseded an older connection");
+        }
+        None
+    } else {
+        supersede(&state, &record).await
+    };
+
+    let accepted = ConnectionState {
+        kind: types::CONNECTION_STATE.into(),
+        state: "accepted".into(),
+        reason: None,
+        connection_id: Some(record.id.clone()),
+    };
+    let sent = match serde_json::to_string(&accepted) {
+        Ok(text) => wire.send_now(Message::Text(text.into())).await,
+        Err(_) => false,
+    };
+    let end = match (sent, superseded) {
+        (true, None) => {
+            for hook in &state.hooks {
+                hook.connect(&record).await;
+            }
+            let ctx = MessageContext {
+                connection_id: id.clone(),
+                client_id: client_id.clone(),
+                state: state.clone(),
+            };
+            // Not needed past the hooks: its strings would otherwise live as long as the socket.
+            drop(record);
+            // The hub's forced end wins over anything the loop is doing.
+            tokio::select! {
+                biased;
+                _ = control.kill_signal() => forced(&control),
+                end = serve(&state, &ctx, &mut wire, &mut rx, &liveness, &control) => end,
+            }
+        }
+        // A newer connection of this client was accepted while this one started.
+        (true, Some(reason)) => {
+            wire.close(close::SUPERSEDED, &reason, CLOSE_WAIT).await;
+            End::new(close::SUPERSEDED, reason)
+        }
+        (false, _) => End::lost("could not send the accept frame"),
+    };
+
+    state.hub.remove(&id, &tx);
+    // Release the socket (and the peer) before the record's write, so a reconnecting device
+    // does not wait on the store; the record is still written below before this task ends, and
+    // shutdown awaits the task.
+    wire.fail_pending(SendError::Closed(Some(end.code)));
+    drop(wire);
+    drop(tx);
+    // Anything still queued will never be written: tell those senders why now.
+    rx.close();
+    while let Ok(frame) = rx.try_recv() {
+        frame.ticket.failed(SendError::Closed(Some(end.code)));
+    }
+
+    let now = time_format::now();
+    let info = CloseInfo {
+        at: &now,
+        code: end.code,
+        reason: &end.reason,
+    };
+    if let Err(e) = state.store.close_connection(&id, &info).await {
+        tracing::error!(error = %e, "could not write the closed record");
+    }
+    tracing::info!(code = end.code, reason = %end.reason, "disconnected");
+    control.finish();
+    let event = Disconnect {
+        connection_id: id.to_string(),
+        client_id: client_id.to_string(),
+        code: end.code,
+        reason: end.reason,
+    };
+    for hook in &state.hooks {
+        hook.disconnect(&event).await;
+    }
+}
+
+/// The end of a task forced by the hub: the requested close, marked as forced.
+fn forced(control: &Control) -> End {
+    match control.close_requested() {
+        Some(req) => End::new(req.code, format!("{} (forced)", req.reason)),
+        None => End::new(close::INTERNAL_ERROR, "connection task forced to end"),
+    }
+}
+
+/// One live connection per client: the newest by (accept time, id). Every session runs this
+/// right after entering the hub, so that whatever the interleaving of racing accepts exactly one
+/// survives:
+/// * an older connection is closed, through whichever node holds it;
+/// * a newer connection means this one is superseded: the returned reason, with which the
+///   session closes itself right after its accept frame;
+/// * a pending record (token issued, unused) is not a live connection and is left alone: if its
+///   token is used later, that connection supersedes this one then;
+/// * an older connection of this node that is not in the hub yet is left alone too: its
+///   session is starting, will find this newer one and close itself.
+async fn supersede(state: &AppState, record: &ConnectionRecord) -> Option<String> {
+    let others = match state
+        .store
+        .open_connections_of_client(&record.client_id, &record.id)
+        .await
+    {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not look up older connections");
+            return None;
+        }
+    };
+    let mine = (
+        record.connected.as_deref().unwrap_or(""),
+        record.id.as_str(),
+    );
+    let reason = format!("superseded by connection {}", record.id);
+    let mut newer = None;
+    for other in others {
+        let Some(connected) = other.connected.as_deref() else {
+            continue;
+        };
+        if (connected, other.id.as_str()) > mine {
+            tracing::info!(newer = %other.id, "superseded by a newer connection");
+            newer = Some(format!("superseded by connection {}", other.id));
+            continue;
+        }
+        if other.server_id.as_deref() == Some(&*state.node_id) && state.hub.get(&other.id).is_none()
+        {
+            continue;
+        }
+        crate::cluster::close_anywhere(state, &other, close::SUPERSEDED, &reason).await;
+        tracing::info!(older = %other.id, "superseded an older connection");
+    }
+    newer
+}
+
+/// The connection's loop, until something ends it.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    state: &AppState,
+    ctx: &MessageContext,
+    wire: &mut Wire<S>,
+    rx: &mut mpsc::Receiver<Box<Outgoing>>,
+    liveness: &Arc<Liveness>,
+    control: &Control,
+) -> End {
+    let period = state.config.heartbeat_interval;
+    let period_ms = i64::try_from(period.as_millis()).unwrap_or(i64::MAX);
+    let write_timeout = state.config.effective_write_timeout();
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut limit = RateLimit::new(state.config.max_messages_per_second);
+    let mut inbox = Inbox::new();
+    let mut due = Vec::new();
+    let write_timer = tokio::time::sleep_until(tokio::time::Instant::now());
+    tokio::pin!(write_timer);
+    let mut armed = None;
+    loop {
+        if let Some(deadline) = wire.deadline()
+            && armed != Some(deadline)
+        {
+            write_timer.as_mut().reset(deadline);
+            armed = Some(deadline);
+        }
+        let flushing = wire.flushing();
+        let reading = inbox.has_room();
+        tokio::select! {
+            biased;
+            _ = control.close_signal() => {
+                let req = control.close_requested().unwrap_or(crate::hub::CloseRequest {
+                    code: close::INTERNAL_ERROR,
+                    reason: String::new(),
+                });
+                wire.close(req.code, &req.reason, CLOSE_WAIT).await;
+                return End::new(req.code, req.reason);
+            }
+            _ = &mut write_timer, if flushing => {
+                let reason = format!(
+                    "write timeout: the device did not read for {} ms",
+                    write_timeout.as_millis()
+                );
+                tracing::info!("{reason}; dropping the socket");
+                wire.fail_pending(SendError::WriteTimeout);
+                return End::new(close::WRITE_TIMEOUT, reason);
+            }
+            io = futures_util::future::poll_fn(|cx| wire.poll_io(reading, cx)) => match io {
+                Io::Flushed(Ok(())) => wire.flushed(),
+                Io::Flushed(Err(e)) => return End::lost(format!("write failed: {e}")),
+                Io::Frame(None) => return End::lost("connection lost"),
+                Io::Frame(Some(Err(e))) => {
+                    return read_error(wire, e, state.config.max_message_size).await;
+                }
+                Io::Frame(Some(Ok(msg))) => match msg {
+                    Message::Text(text) => {
+                        if limit.allow() {
+                            inbox.push(Inbound::Message(text));
+                        } else {
+                            inbox.push(Inbound::Answer(error_frame(
+                                error_kinds::RATE_LIMITED,
+                                format!(
+                                    "more than {} messages per second; message dropped",
+                                    state.config.max_messages_per_second
+                                ),
+                                None,
+                            )));
+                        }
+                    }
+                    Message::Binary(_) => inbox.push(Inbound::Answer(error_frame(
+                        error_kinds::BINARY_FRAME,
+                        "binary frames are not supported; send JSON text frames",
+                        None,
+                    ))),
+                    Message::Pong(_) => {
+                        liveness.last_pong_ms.store(now_ms(), Ordering::Release);
+                        liveness.alive.store(true, Ordering::Release);
+                        state.heartbeats.mark(&ctx.connection_id, liveness);
+                    }
+                    Message::Close(frame) => {
+                        // tungstenite queued the close reply; flush it so the peer sees a clean close.
+                        wire.answer_close().await;
+                        let (code, reason) = frame
+                            .map(|f| (u16::from(f.code), f.reason.to_string()))
+                            .unwrap_or((1005, String::new()));
+                        let reason = if reason.is_empty() { "closed by client".to_string() } else { reason };
+                        return End::new(code, reason);
+                    }
+                    Message::Ping(_) | Message::Frame(_) => {}
+                },
+            },
+            reply = futures_util::future::poll_fn(|cx| match inbox.running.as_mut() {
+                Some(h) => h.as_mut().poll(cx),
+                None => Poll::Pending,
+            }), if inbox.running.is_some() => {
+                inbox.running = None;
+                if let Some(reply) = reply {
+                    due.push(reply);
+                }
+            }
+            frame = rx.recv(), if !flushing => {
+                // The hub's handle keeps a sender alive until this task removes it.
+                let Some(frame) = frame else {
+                    return End::new(close::INTERNAL_ERROR, "command channel closed");
+                };
+                let Outgoing { text, ticket } = *frame;
+                // A frame whose sender gave up is never written.
+                if ticket.take() && let Err(e) = wire.append_frame(text, ticket) {
+                    return append_failed(e, write_timeout);
+                }
+            }
+            _ = ping.tick() => {
+                let silent = now_ms() - liveness.last_pong_ms.load(Ordering::Acquire);
+                if silent > 2 * period_ms {
+                    tracing::info!(silent_ms = silent, "heartbeat missed twice; closing");
+                    wire.close(close::HEARTBEAT_TIMEOUT, "heartbeat missed twice", CLOSE_WAIT).await;
+                    return End::new(close::HEARTBEAT_TIMEOUT, "heartbeat missed twice");
+                }
+                if silent > period_ms + period_ms / 4 && liveness.alive.swap(false, Ordering::AcqRel) {
+                    tracing::info!(silent_ms = silent, "heartbeat missed");
+                    state.heartbeats.mark(&ctx.connection_id, liveness);
+                    for hook in &state.hooks {
+                        hook.heartbeat_missed(&ctx.connection_id, &ctx.client_id).await;
+                    }
+                }
+                match wire.append(Message::Ping(Default::default())) {
+                    // Behind unread data: the write deadline decides.
+                    Ok(()) | Err(AppendError::Full) => {}
+                    Err(AppendError::Failed) => return End::lost("write failed"),
+                }
+            },
+        }
+        inbox.advance(ctx, &mut due);
+        for text in due.drain(..) {
+            if let Err(e) = wire.append(Message::Text(text.into())) {
+                return append_failed(e, write_timeout);
+            }
+        }
+    }
+}
+
+fn append_failed(e: AppendError, write_timeout: std::time::Duration) -> End {
+    match e {
+        AppendError::Full => End::new(
+            close::WRITE_TIMEOUT,
+            format!(
+                "write timeout: the device did not read for {} ms",
+                write_timeout.as_millis()
+            ),
+        ),
+        AppendError::Failed => End::lost("write failed"),
+    }
+}
+
+/// A read failed: an oversized message gets 1009, a malformed frame 1002, invalid UTF-8 1007;
+/// only this socket ends.
+async fn read_error<S: AsyncRead + AsyncWrite + Unpin>(
+    wire: &mut Wire<S>,
+    e: tungstenite::Error,
+    limit: usize,
+) -> End {
+    use tungstenite::error::Error as WsError;
+    let (code, reason) = match e {
+        WsError::Capacity(_) => (
+            close::MESSAGE_TOO_BIG,
+            format!("message exceeds {limit} bytes"),
+        ),
+        WsError::Protocol(p) => {
+            let reason = format!("protocol error: {p}");
+            (close::PROTOCOL_ERROR, reason.chars().take(100).collect())
+        }
+        WsError::Utf8(_) => (
+            close::INVALID_PAYLOAD,
+            "invalid UTF-8 in a text frame".to_string(),
+        ),
+        other => return End::lost(format!("connection lost: {other}")),
+    };
+    wire.refuse(code, &reason).await;
+    End::new(code, reason)
+}
