@@ -411,3 +411,72 @@ fn report_url(jwt: &str) -> String {
     .unwrap();
     claims["reportUrl"].as_str().unwrap().to_string()
 }
+
+#[tokio::test]
+async fn sigterm_exits_0_in_time_while_a_device_does_not_read() {
+    let tmp = TempDir::new().unwrap();
+    let data = tmp.path().join("data");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut proc = spawn(
+        tmp.path(),
+        port,
+        &[
+            "serve",
+            "--listen",
+            &listen,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--heartbeat-interval",
+            "120",
+            "--write-timeout",
+            "120",
+        ],
+        Some(PASSWORD),
+    )
+    .await;
+    let admin = proc.admin().await;
+    let (mut good, _) = proc.device(&admin, "good").await;
+    let good_reader = tokio::spawn(async move { close_code(&mut good).await });
+
+    // A device with a small receive buffer that reads its accept frame and nothing more.
+    let token = proc.connection_token(&admin, "stuck").await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap();
+    let mut req = format!("ws://127.0.0.1:{port}/api/core/connection/connect")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("origin", HeaderValue::from_str(&token).unwrap());
+    let (mut stuck, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+    let first = loop {
+        match tokio::time::timeout(WAIT, stuck.next()).await.unwrap() {
+            Some(Ok(Message::Text(t))) => break serde_json::from_str::<Value>(t.as_str()).unwrap(),
+            Some(Ok(_)) => continue,
+            other => panic!("no accept frame: {other:?}"),
+        }
+    };
+    let stuck_id = first["connectionId"].as_str().unwrap().to_string();
+    // Fill its socket: large sends the device never reads.
+    let http = reqwest::Client::new();
+    let big = json!({"type": "agent.blob", "pad": "x".repeat(256 * 1024)});
+    let url = format!("{}/api/core/connection/{stuck_id}/send", proc.base);
+    let mut flood = Vec::new();
+    for _ in 0..40 {
+        let req = http.post(&url).bearer_auth(&admin).json(&big).send();
+        flood.push(tokio::spawn(req));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let started = std::time::Instant::now();
+    proc.signal("-TERM");
+    let status = proc.exit_within(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{}", proc.log_text());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(good_reader.await.unwrap(), Some(1001));
+    drop(stuck);
+}
