@@ -58,6 +58,18 @@ pub struct Config {
     pub bus: crate::bus::BusConfig,
     /// Peers whose `X-Forwarded-For`/`Forwarded` headers are believed (load balancers).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// A connection must deliver a complete request head within this long of being accepted
+    /// (the TLS handshake has the same bound) and of its previous response, else it is closed:
+    /// this bounds silent sockets, idle keep-alive connections and slow headers alike.
+    pub http_idle_timeout: Duration,
+    /// A request body must arrive whole within this long of its head, else 408.
+    pub http_body_timeout: Duration,
+    /// Connections not (yet) upgraded to a WebSocket: past this many, a new connection is
+    /// closed as soon as it is accepted.
+    pub max_http_connections: usize,
+    /// File descriptors kept for the store, files and outgoing connections: the sockets a node
+    /// holds (HTTP and WebSocket) are capped at the process's file limit minus this.
+    pub fd_reserve: usize,
 }
 
 impl Config {
@@ -83,6 +95,10 @@ impl Config {
             node_lease: Duration::from_secs(15),
             bus: crate::bus::BusConfig::Auto,
             trusted_proxies: Vec::new(),
+            http_idle_timeout: Duration::from_secs(10),
+            http_body_timeout: Duration::from_secs(30),
+            max_http_connections: 1024,
+            fd_reserve: 256,
         }
     }
 

@@ -6,6 +6,7 @@
 //! * [`routes`]: the HTTP surface (the original's paths), one module per provider.
 //! * [`session`]: one task per WebSocket: reads, writes, heartbeat, record on close.
 //! * [`hub`]: the local connections of this node (sharded map of task handles).
+//! * [`listener`]: accepting sockets: the caps that refuse one early, serving HTTP/1.1.
 //! * [`heartbeat`]: coalesced persistence of pongs (no database write per pong).
 //! * [`providers`]: message routing by `type` prefix; the extension point.
 //! * [`hooks`]: authenticate / connect / disconnect callbacks for embedders.
@@ -24,6 +25,7 @@ mod fsutil;
 pub mod heartbeat;
 pub mod hooks;
 pub mod hub;
+pub mod listener;
 pub mod metered_store;
 pub mod metrics;
 pub mod providers;

@@ -42,6 +42,16 @@ pub const STORE_SECONDS: &str = "morrigan_store_duration_seconds";
 pub const BUS_SECONDS: &str = "morrigan_bus_duration_seconds";
 /// Event stream subscribers on this node (gauge; `node`).
 pub const EVENT_SUBSCRIBERS: &str = "morrigan_event_subscribers";
+/// TCP connections closed as soon as accepted, past a cap (counter; `reason`).
+pub const HTTP_REFUSED: &str = "morrigan_http_connections_refused_total";
+/// HTTP connections closed for sending no request in time (counter; `reason`).
+pub const HTTP_CUT: &str = "morrigan_http_connections_cut_total";
+/// Requests refused by the HTTP layer's bounds (counter; `reason`).
+pub const HTTP_REQUESTS_REFUSED: &str = "morrigan_http_requests_refused_total";
+/// Connections not (yet) upgraded to a WebSocket (gauge; `node`).
+pub const HTTP_OPEN: &str = "morrigan_http_connections_open";
+/// Every socket the node holds, HTTP and WebSocket (gauge; `node`).
+pub const SOCKETS_OPEN: &str = "morrigan_sockets_open";
 
 /// Every metric name, with its help text.
 pub const NAMES: &[(&str, &str)] = &[
@@ -84,6 +94,26 @@ pub const NAMES: &[(&str, &str)] = &[
         EVENT_SUBSCRIBERS,
         "Event stream subscribers connected to this node.",
     ),
+    (
+        HTTP_REFUSED,
+        "TCP connections closed as soon as accepted, by the cap reached.",
+    ),
+    (
+        HTTP_CUT,
+        "HTTP connections closed for sending no request in time.",
+    ),
+    (
+        HTTP_REQUESTS_REFUSED,
+        "Requests refused by the HTTP layer's bounds, by reason.",
+    ),
+    (
+        HTTP_OPEN,
+        "Connections not (yet) upgraded to a WebSocket, TLS handshakes included.",
+    ),
+    (
+        SOCKETS_OPEN,
+        "Sockets held by this node: HTTP connections and WebSockets.",
+    ),
 ];
 
 /// Distinct provider label values kept before the rest is counted as `other`.
@@ -107,6 +137,8 @@ pub struct Metrics {
     connects: Counter,
     heartbeats_missed: Counter,
     subscribers: Gauge,
+    http_open: Gauge,
+    sockets_open: Gauge,
     /// Cached handles of labelled series, by `name\0label values`.
     series: DashMap<String, Series>,
     /// Provider label values seen so far (bounded).
@@ -143,6 +175,8 @@ impl Metrics {
         let connects = recorder.register_counter(&with_node(CONNECTS), &METADATA);
         let heartbeats_missed = recorder.register_counter(&with_node(HEARTBEATS_MISSED), &METADATA);
         let subscribers = recorder.register_gauge(&with_node(EVENT_SUBSCRIBERS), &METADATA);
+        let http_open = recorder.register_gauge(&with_node(HTTP_OPEN), &METADATA);
+        let sockets_open = recorder.register_gauge(&with_node(SOCKETS_OPEN), &METADATA);
         Arc::new(Self {
             recorder,
             handle,
@@ -151,6 +185,8 @@ impl Metrics {
             connects,
             heartbeats_missed,
             subscribers,
+            http_open,
+            sockets_open,
             series: DashMap::new(),
             providers: DashMap::new(),
         })
@@ -275,6 +311,33 @@ impl Metrics {
 
     pub fn subscriber(&self, delta: f64) {
         self.subscribers.increment(delta);
+    }
+
+    /// The socket counts, set before a render (see [`crate::listener::Admission`]).
+    pub fn set_sockets(&self, http: usize, sockets: usize) {
+        self.http_open.set(http as f64);
+        self.sockets_open.set(sockets as f64);
+    }
+
+    /// `reason`: `http_limit` or `socket_limit`.
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.counter(HTTP_REFUSED, &[("node", &self.node), ("reason", reason)])
+            .increment(1);
+    }
+
+    /// `reason`: `idle` (no complete request head in time) or `tls_handshake`.
+    pub fn connection_cut(&self, reason: &'static str) {
+        self.counter(HTTP_CUT, &[("node", &self.node), ("reason", reason)])
+            .increment(1);
+    }
+
+    /// `reason`: `no_host`, `headers_too_large`, `body_too_large` or `body_timeout`.
+    pub fn request_refused(&self, reason: &'static str) {
+        self.counter(
+            HTTP_REQUESTS_REFUSED,
+            &[("node", &self.node), ("reason", reason)],
+        )
+        .increment(1);
     }
 }
 

@@ -12,16 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ConnectInfo;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use morrigan_protocol::close;
 use morrigan_protocol::time_format;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
 use tower_http::normalize_path::NormalizePath;
 
 use crate::auth::{self, functions};
@@ -33,6 +29,7 @@ use crate::cluster::HubCommands;
 use crate::config::Config;
 use crate::hooks::Hooks;
 use crate::hub::Hub;
+use crate::listener::{Graceful, Serving};
 use crate::providers::{Provider, Providers};
 use crate::state::{AppState, Inner};
 use crate::store::{
@@ -77,6 +74,8 @@ pub enum StartError {
     Admin(String),
     #[error(transparent)]
     Bus(#[from] crate::bus::BusError),
+    #[error(transparent)]
+    FdLimit(#[from] crate::listener::FdLimitError),
 }
 
 /// Adds providers and hooks before a node starts.
@@ -121,6 +120,7 @@ impl ServerBuilder {
         let node_id = load_node_id(&config.data_dir)?;
         let (store, pg_pool) = open_store(&config).await?;
         let metrics = crate::metrics::Metrics::new(&node_id);
+        let admission = crate::listener::Admission::new(&config, metrics.clone())?;
         let store: Arc<dyn Store> = Arc::new(crate::metered_store::MeteredStore {
             inner: store,
             metrics: metrics.clone(),
@@ -242,6 +242,7 @@ impl ServerBuilder {
             embedder_hooks,
             heartbeats,
             metrics,
+            admission,
             user_cache: Default::default(),
             owners: Default::default(),
             sessions: TaskTracker::new(),
@@ -322,15 +323,12 @@ impl Server {
         ));
 
         let service = NormalizePath::trim_trailing_slash(router);
-        let graceful = GracefulShutdown::new();
-        let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        http.http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10))
-            .max_buf_size(64 * 1024);
-        let http = http.http1_only();
+        let graceful = Graceful::new();
         let scheme = if tls.is_some() { "https" } else { "http" };
-        tracing::info!(address = %bound, %scheme, node = %state.node_id, report_url = %state.report_url(), "serving");
+        let serving = Serving::new(&state.config, state.metrics.clone(), service, tls);
+        tracing::info!(address = %bound, %scheme, node = %state.node_id, report_url = %state.report_url(),
+            max_http_connections = state.admission.max_http_connections(),
+            max_sockets = state.admission.max_sockets(), "serving");
 
         tokio::pin!(shutdown);
         loop {
@@ -346,44 +344,9 @@ impl Server {
                 },
                 _ = &mut shutdown => break,
             };
-            let _ = stream.set_nodelay(true);
-            let service = service.clone();
-            let svc = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ConnectInfo(peer));
-                    service.clone().oneshot(req)
-                },
-            );
-            match &tls {
-                None => {
-                    let conn = http.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    let conn = graceful.watch(conn.into_owned());
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                }
-                Some(acceptor) => {
-                    let acceptor = acceptor.clone();
-                    let http = http.clone();
-                    let watcher = graceful.watcher();
-                    tokio::spawn(async move {
-                        let stream = match tokio::time::timeout(
-                            Duration::from_secs(10),
-                            acceptor.accept(stream),
-                        )
-                        .await
-                        {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => return,
-                        };
-                        let conn = http.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                        let _ = watcher.watch(conn.into_owned()).await;
-                    });
-                }
+            // Past a cap the socket is dropped (closed) here, before anything is read from it.
+            if let Some(permit) = state.admission.admit() {
+                serving.spawn(stream, peer, permit, graceful.watcher());
             }
         }
         drop(listener);

@@ -43,6 +43,8 @@ pub struct Inner {
     pub owners: dashmap::DashMap<String, Arc<str>>,
     /// This node's Prometheus registry (`GET /metrics`).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The counts and caps of the sockets this node holds.
+    pub admission: Arc<crate::listener::Admission>,
     /// Every connection task, so shutdown can wait for their records to be written.
     pub sessions: TaskTracker,
     /// Cancelled when the node starts shutting down.

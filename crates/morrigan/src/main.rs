@@ -36,7 +36,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run a server node.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Run a device agent: stays connected, logs what it receives, answers agent.ping.
     Agent(agent::AgentArgs),
     /// Log in to a server; the user token is kept (0600) for the other commands.
@@ -114,7 +114,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve::run(args).await,
+            Command::Serve(args) => serve::run(*args).await,
             Command::Agent(args) => agent::run(args).await,
             Command::Login(args) => ops::login(args).await.map_err(Into::into),
             Command::Client(cmd) => ops::client(cmd).await.map_err(Into::into),

@@ -64,6 +64,21 @@ pub struct ServeArgs {
     /// (repeatable; comma-separated in the environment).
     #[arg(long, env = "MORRIGAN_TRUSTED_PROXY", value_delimiter = ',')]
     trusted_proxy: Vec<String>,
+    /// Seconds a connection may take to send a complete request head, from its accept (or TLS
+    /// handshake, bounded the same) and from each response; then it is closed [default: 10].
+    #[arg(long, env = "MORRIGAN_HTTP_IDLE_TIMEOUT")]
+    http_idle_timeout: Option<u64>,
+    /// Seconds a request body may take to arrive whole, else 408 [default: 30].
+    #[arg(long, env = "MORRIGAN_HTTP_BODY_TIMEOUT")]
+    http_body_timeout: Option<u64>,
+    /// Connections not (yet) upgraded to a WebSocket; past it new ones are closed at once
+    /// [default: 1024].
+    #[arg(long, env = "MORRIGAN_MAX_HTTP_CONNECTIONS")]
+    max_http_connections: Option<usize>,
+    /// File descriptors kept for the store, files and outgoing connections; sockets are capped
+    /// at the file limit minus this [default: 256].
+    #[arg(long, env = "MORRIGAN_FD_RESERVE")]
+    fd_reserve: Option<usize>,
 }
 
 /// The same keys in `morrigan.toml`.
@@ -85,6 +100,10 @@ struct FileConfig {
     nats_url: Option<String>,
     node_lease: Option<u64>,
     trusted_proxy: Option<Vec<String>>,
+    http_idle_timeout: Option<u64>,
+    http_body_timeout: Option<u64>,
+    max_http_connections: Option<usize>,
+    fd_reserve: Option<usize>,
 }
 
 fn load_file(args: &ServeArgs) -> anyhow::Result<FileConfig> {
@@ -162,6 +181,22 @@ fn resolve(args: ServeArgs) -> anyhow::Result<Config> {
     if let Some(s) = args.node_lease.or(file.node_lease) {
         anyhow::ensure!(s >= 1, "--node-lease must be at least 1 second");
         c.node_lease = Duration::from_secs(s);
+    }
+    if let Some(s) = args.http_idle_timeout.or(file.http_idle_timeout) {
+        anyhow::ensure!(s >= 1, "--http-idle-timeout must be at least 1 second");
+        c.http_idle_timeout = Duration::from_secs(s);
+    }
+    if let Some(s) = args.http_body_timeout.or(file.http_body_timeout) {
+        anyhow::ensure!(s >= 1, "--http-body-timeout must be at least 1 second");
+        c.http_body_timeout = Duration::from_secs(s);
+    }
+    if let Some(n) = args.max_http_connections.or(file.max_http_connections) {
+        anyhow::ensure!(n >= 1, "--max-http-connections must be at least 1");
+        c.max_http_connections = n;
+    }
+    if let Some(n) = args.fd_reserve.or(file.fd_reserve) {
+        anyhow::ensure!(n >= 32, "--fd-reserve must be at least 32");
+        c.fd_reserve = n;
     }
     let proxies = if args.trusted_proxy.is_empty() {
         file.trusted_proxy.unwrap_or_default()

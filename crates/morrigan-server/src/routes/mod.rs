@@ -6,6 +6,7 @@ pub mod capability;
 pub mod client;
 pub mod connection;
 pub mod events;
+pub mod limits;
 pub mod node;
 pub mod system;
 pub mod ui;
@@ -134,6 +135,11 @@ pub fn build(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .merge(ui::router(openapi.clone()))
         .fallback(|| async { ApiError::not_found("No such route.") })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(limits::LimitsLayer::new(
+            body_limit,
+            state.config.http_body_timeout,
+            state.metrics.clone(),
+        ))
         .layer(
             tower::ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))

@@ -129,6 +129,8 @@ fn dashboard_file(file: &str) -> Response {
 
 /// Prometheus text exposition format 0.0.4.
 async fn metrics(State(s): State<AppState>) -> Response {
+    s.metrics
+        .set_sockets(s.admission.http_connections(), s.admission.sockets());
     let body = s.metrics.render(s.hub.len());
     (
         [(
