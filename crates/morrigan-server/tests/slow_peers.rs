@@ -153,7 +153,7 @@ async fn delete_answers_while_the_device_does_not_read() {
         .await
         .expect("the queued sends answered")
         .expect("flood task");
-    assert!(statuses.iter().any(|s| *s == 409), "{statuses:?}");
+    assert!(statuses.contains(&409), "{statuses:?}");
 }
 
 #[tokio::test]
