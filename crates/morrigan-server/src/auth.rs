@@ -1,7 +1,6 @@
-//! Operator authentication: argon2id passwords, user tokens, functions (permissions).
+//! Operator authentication: user tokens, functions (permissions).
+//! Passwords are hashed by [`crate::passwords`].
 
-use argon2::Argon2;
-use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
@@ -40,30 +39,6 @@ pub mod functions {
         IDENTITY_UPDATE_ALL,
         IDENTITY_DELETE_ALL,
     ];
-}
-
-/// Hashes a password with argon2id (PHC string).
-pub fn hash_password(password: &str) -> Result<String, ApiError> {
-    Argon2::default()
-        .hash_password(password.as_bytes())
-        .map(|h| h.to_string())
-        .map_err(|_| ApiError::internal("could not hash the password"))
-}
-
-/// Verifies a password against a PHC hash in constant time.
-pub fn verify_password(password: &str, hash: &str) -> bool {
-    Argon2::default()
-        .verify_password(password.as_bytes(), hash)
-        .is_ok()
-}
-
-/// Runs argon2 blocking work off the async threads.
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| ApiError::internal("password worker failed"))
 }
 
 /// Identity names: 1-64 of `[A-Za-z0-9_.-]`, anchored (the original's regex was not: S9).
@@ -195,16 +170,4 @@ impl FromRequestParts<AppState> for User {
         state.user_cache.put(token, &user, claims.exp);
         Ok(user)
     }
-}
-
-/// A hash of a random password, verified against when a login names an unknown user so that the
-/// answer takes as long as a wrong password (no user enumeration by timing: S8).
-pub fn dummy_hash() -> &'static str {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DUMMY.get_or_init(|| {
-        Argon2::default()
-            .hash_password(uuid::Uuid::new_v4().to_string().as_bytes())
-            .map(|h| h.to_string())
-            .unwrap_or_default()
-    })
 }

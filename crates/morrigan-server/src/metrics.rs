@@ -42,6 +42,8 @@ pub const STORE_SECONDS: &str = "morrigan_store_duration_seconds";
 pub const BUS_SECONDS: &str = "morrigan_bus_duration_seconds";
 /// Event stream subscribers on this node (gauge; `node`).
 pub const EVENT_SUBSCRIBERS: &str = "morrigan_event_subscribers";
+/// Failed logins (counter; `reason` = password | throttled | busy).
+pub const LOGIN_FAILURES: &str = "morrigan_login_failures_total";
 
 /// Every metric name, with its help text.
 pub const NAMES: &[(&str, &str)] = &[
@@ -83,6 +85,10 @@ pub const NAMES: &[(&str, &str)] = &[
     (
         EVENT_SUBSCRIBERS,
         "Event stream subscribers connected to this node.",
+    ),
+    (
+        LOGIN_FAILURES,
+        "Failed logins, by reason (password, throttled, busy).",
     ),
 ];
 
@@ -271,6 +277,13 @@ impl Metrics {
     pub fn bus_duration(&self, op: &'static str, outcome: &'static str, took: Duration) {
         self.histogram(BUS_SECONDS, &[("op", op), ("outcome", outcome)])
             .record(took);
+    }
+
+    /// `reason`: `password` (wrong password or unknown name), `throttled` (refused unchecked,
+    /// 429) or `busy` (no password hasher free in time, 503).
+    pub fn login_failed(&self, reason: &'static str) {
+        self.counter(LOGIN_FAILURES, &[("reason", reason)])
+            .increment(1);
     }
 
     pub fn subscriber(&self, delta: f64) {

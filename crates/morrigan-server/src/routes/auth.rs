@@ -1,7 +1,10 @@
 //! `/api/auth`: login and operator identities.
 
+use std::net::{IpAddr, SocketAddr};
+
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode};
 use morrigan_protocol::api::{LoginRequest, TokenResponse, audience};
 use morrigan_protocol::records::Identity;
 use morrigan_protocol::time_format;
@@ -13,6 +16,7 @@ use utoipa_axum::routes;
 use super::ApiJson;
 use crate::auth::{self, User, functions};
 use crate::error::{ApiError, ApiResult};
+use crate::passwords::HashError;
 use crate::state::AppState;
 use crate::store::{IdentityRow, TokenKind, TokenRow};
 
@@ -54,13 +58,29 @@ pub async fn issue_user_token(s: &AppState, identity_id: &str) -> ApiResult<Stri
     Ok(issued.token)
 }
 
-/// Logs in. Unknown user and wrong password get the same answer, in the same time.
+fn invalid_login() -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "failed",
+        "Invalid username/password.",
+    )
+}
+
+/// Logs in. Unknown user and wrong password get the same answer, in the same time. Failed
+/// logins are throttled per source address and per name (see [`crate::throttle`]): a
+/// throttled attempt is answered 429 with `Retry-After` without being checked. The password
+/// is checked by one of a few hashing threads (see [`crate::passwords`]): 503 with
+/// `Retry-After` when none is free in time.
 #[utoipa::path(post, path = "/api/auth", tag = "auth", request_body = LoginRequest,
     responses((status = 200, body = TokenResponse),
               (status = 400, description = "Malformed body", body = morrigan_protocol::api::ErrorBody),
-              (status = 403, description = "Invalid username/password", body = morrigan_protocol::api::ErrorBody)))]
+              (status = 403, description = "Invalid username/password", body = morrigan_protocol::api::ErrorBody),
+              (status = 429, description = "Too many failed logins from this address or for this name; see Retry-After", body = morrigan_protocol::api::ErrorBody),
+              (status = 503, description = "Too many logins in progress; see Retry-After", body = morrigan_protocol::api::ErrorBody)))]
 async fn login(
     State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> ApiResult<Json<TokenResponse>> {
     if req.name.is_empty() {
@@ -70,27 +90,38 @@ async fn login(
         return Err(ApiError::bad_request("No password specified."));
     }
     if req.password.len() > 1024 || req.name.len() > 64 {
-        return Err(ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "failed",
-            "Invalid username/password.",
-        ));
+        s.metrics.login_failed("password");
+        return Err(invalid_login());
     }
+    let address = crate::cluster::client_address(&s, peer, &headers)
+        .parse::<IpAddr>()
+        .unwrap_or(peer.ip());
+    let attempt = s
+        .login_throttle
+        .attempt(address, &req.name)
+        .map_err(|throttled| {
+            s.metrics.login_failed("throttled");
+            tracing::info!(%address, "login throttled");
+            ApiError::from(throttled)
+        })?;
     let row = s.store.identity_by_name(&req.name).await?;
-    let hash = row
-        .as_ref()
-        .map(|r| r.password_hash.clone())
-        .unwrap_or_else(|| auth::dummy_hash().to_string());
-    let password = req.password;
-    let ok = auth::blocking(move || auth::verify_password(&password, &hash)).await?;
-    let Some(row) = row.filter(|_| ok) else {
-        tracing::info!("login refused");
-        return Err(ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "failed",
-            "Invalid username/password.",
-        ));
+    let hash = row.as_ref().map(|r| r.password_hash.as_str());
+    let ok = match s.passwords.verify(&req.password, hash).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            if matches!(e, HashError::Busy) {
+                s.metrics.login_failed("busy");
+            }
+            return Err(e.into());
+        }
     };
+    let Some(row) = row.filter(|_| ok) else {
+        attempt.failed();
+        s.metrics.login_failed("password");
+        tracing::info!(%address, "login refused");
+        return Err(invalid_login());
+    };
+    attempt.succeeded();
     let token = issue_user_token(&s, &row.id).await?;
     tracing::info!(identity = %row.name, "login");
     Ok(Json(TokenResponse {
@@ -191,7 +222,7 @@ async fn create_identity(
     if s.store.identity_by_name(&name).await?.is_some() {
         return Err(ApiError::bad_request("Identity name already in use."));
     }
-    let hash = auth::blocking(move || auth::hash_password(&password)).await??;
+    let hash = s.passwords.hash(&password).await?;
     let now = time_format::now();
     let row = IdentityRow {
         id: uuid::Uuid::new_v4().to_string(),
@@ -262,8 +293,8 @@ async fn apply_patch(
     }
     let mut password_changed = false;
     if let Some(auth) = req.auth {
-        let password = password_of(&auth)?.to_string();
-        row.password_hash = auth::blocking(move || auth::hash_password(&password)).await??;
+        let password = password_of(&auth)?;
+        row.password_hash = s.passwords.hash(password).await?;
         password_changed = true;
     }
     row.updated = time_format::now();
