@@ -1,4 +1,4 @@
-//! Operator authentication: user tokens, functions (permissions).
+//! Operator authentication: user tokens, functions (permissions) and who may grant what.
 //! Passwords are hashed by [`crate::passwords`].
 
 use axum::extract::FromRequestParts;
@@ -97,6 +97,42 @@ impl User {
             }
         }
         Ok(())
+    }
+
+    /// The functions of `functions` this identity does not hold, quoted, comma-separated.
+    fn lacking<'a>(&self, functions: impl IntoIterator<Item = &'a str>) -> Option<String> {
+        let mut lacking: Vec<String> = Vec::new();
+        for f in functions {
+            let quoted = format!("'{f}'");
+            if !self.identity.functions.iter().any(|g| g == f) && !lacking.contains(&quoted) {
+                lacking.push(quoted);
+            }
+        }
+        (!lacking.is_empty()).then(|| lacking.join(", "))
+    }
+
+    /// 403 unless this identity holds every function in `functions`: nobody grants a
+    /// function they do not hold (to another identity or, through its id, to itself).
+    pub fn may_grant(&self, functions: &[String]) -> Result<(), ApiError> {
+        match self.lacking(functions.iter().map(String::as_str)) {
+            None => Ok(()),
+            Some(list) => Err(ApiError::forbidden(format!(
+                "You cannot grant functions you do not hold: {list}."
+            ))),
+        }
+    }
+
+    /// 403 unless this identity holds every function `target` holds: an identity changes or
+    /// deletes only identities no more privileged than itself (no password reset of a
+    /// superior, no stripping one).
+    pub fn may_manage(&self, target: &IdentityRow) -> Result<(), ApiError> {
+        match self.lacking(target.functions.iter().map(String::as_str)) {
+            None => Ok(()),
+            Some(list) => Err(ApiError::forbidden(format!(
+                "Identity '{}' holds functions you do not hold: {list}.",
+                target.name
+            ))),
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use crate::auth::{self, User, functions};
 use crate::error::{ApiError, ApiResult};
 use crate::passwords::HashError;
 use crate::state::AppState;
-use crate::store::{IdentityRow, TokenKind, TokenRow};
+use crate::store::{IdentityChange, IdentityRow, TokenKind, TokenRow};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -196,7 +196,8 @@ fn check_name(name: &str) -> ApiResult<()> {
     }
 }
 
-/// Creates an identity (function `auth.identity.create`).
+/// Creates an identity (function `auth.identity.create`) holding only functions the caller
+/// holds (403 naming the others).
 #[utoipa::path(post, path = "/api/auth/identity", tag = "auth", security(("userToken" = [])),
     request_body = CreateIdentity,
     responses((status = 200, description = "{\"state\":\"success\",\"identity\":{..}}", body = Value),
@@ -219,6 +220,7 @@ async fn create_identity(
     let password = password_of(&auth)?.to_string();
     let functions = req.functions.unwrap_or_default();
     auth::validate_functions(&functions)?;
+    user.may_grant(&functions)?;
     if s.store.identity_by_name(&name).await?.is_some() {
         return Err(ApiError::bad_request("Identity name already in use."));
     }
@@ -298,12 +300,18 @@ async fn apply_patch(
         password_changed = true;
     }
     row.updated = time_format::now();
-    let updated = s.store.update_identity(&row).await;
+    let updated = s.store.update_identity(&row, functions::ALL).await;
     // Cached sessions carry the identity's old name and functions.
     s.user_cache.clear();
     match updated {
-        Ok(true) => {}
-        Ok(false) => return Err(ApiError::not_found("No such identity.")),
+        Ok(IdentityChange::Done) => {}
+        Ok(IdentityChange::NotFound) => return Err(ApiError::not_found("No such identity.")),
+        Ok(IdentityChange::LastFull) => {
+            return Err(ApiError::conflict(format!(
+                "'{}' is the last identity holding every function; it cannot lose any.",
+                row.name
+            )));
+        }
         Err(crate::store::StoreError::Conflict(_)) => {
             return Err(ApiError::bad_request("Identity name already in use."));
         }
@@ -341,14 +349,17 @@ async fn get_identity(
     Ok(identity_body(&row))
 }
 
-/// Changes an identity's name, password or functions (function `auth.identity.update.all`).
+/// Changes an identity's name, password or functions (function `auth.identity.update.all`):
+/// only an identity whose functions the caller holds, and only to functions the caller holds
+/// (403 naming the others); never the last identity holding every function out of one (409).
 #[utoipa::path(patch, path = "/api/auth/identity/{id}", tag = "auth", security(("userToken" = [])),
     params(("id" = String, Path, description = "Identity id")), request_body = PatchIdentity,
     responses((status = 200, body = Value),
               (status = 400, body = morrigan_protocol::api::ErrorBody),
               (status = 401, body = morrigan_protocol::api::ErrorBody),
               (status = 403, body = morrigan_protocol::api::ErrorBody),
-              (status = 404, body = morrigan_protocol::api::ErrorBody)))]
+              (status = 404, body = morrigan_protocol::api::ErrorBody),
+              (status = 409, description = "The last identity holding every function would lose one", body = morrigan_protocol::api::ErrorBody)))]
 async fn patch_identity(
     State(s): State<AppState>,
     user: User,
@@ -361,29 +372,50 @@ async fn patch_identity(
         .identity(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("No such identity."))?;
+    user.may_manage(&row)?;
+    if let Some(functions) = &req.functions {
+        auth::validate_functions(functions)?;
+        user.may_grant(functions)?;
+    }
     let keep = (row.id == user.identity.id).then_some(user.token_id.as_str());
     let row = apply_patch(&s, row, req, keep).await?;
     tracing::info!(by = %user.identity.name, identity = %row.name, "identity updated");
     Ok(identity_body(&row))
 }
 
-/// Deletes an identity and revokes its sessions (function `auth.identity.delete.all`).
+/// Deletes an identity and revokes its sessions (function `auth.identity.delete.all`): only
+/// an identity whose functions the caller holds (403), never the last identity holding every
+/// function (409).
 #[utoipa::path(delete, path = "/api/auth/identity/{id}", tag = "auth", security(("userToken" = [])),
     params(("id" = String, Path, description = "Identity id")),
     responses((status = 200, body = Value),
               (status = 401, body = morrigan_protocol::api::ErrorBody),
               (status = 403, body = morrigan_protocol::api::ErrorBody),
-              (status = 404, body = morrigan_protocol::api::ErrorBody)))]
+              (status = 404, body = morrigan_protocol::api::ErrorBody),
+              (status = 409, description = "The last identity holding every function", body = morrigan_protocol::api::ErrorBody)))]
 async fn delete_identity(
     State(s): State<AppState>,
     user: User,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     user.require(&[functions::IDENTITY_DELETE_ALL])?;
-    let deleted = s.store.delete_identity(&id).await?;
+    let row = s
+        .store
+        .identity(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("No such identity."))?;
+    user.may_manage(&row)?;
+    let deleted = s.store.delete_identity(&id, functions::ALL).await?;
     s.user_cache.clear();
-    if !deleted {
-        return Err(ApiError::not_found("No such identity."));
+    match deleted {
+        IdentityChange::Done => {}
+        IdentityChange::NotFound => return Err(ApiError::not_found("No such identity.")),
+        IdentityChange::LastFull => {
+            return Err(ApiError::conflict(format!(
+                "'{}' is the last identity holding every function; it cannot be deleted.",
+                row.name
+            )));
+        }
     }
     tracing::info!(by = %user.identity.name, identity = %id, "identity deleted");
     Ok(Json(json!({"state": "success"})))
