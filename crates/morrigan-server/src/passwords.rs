@@ -10,9 +10,9 @@
 //!
 //! Each worker keeps one argon2 block buffer (`m_cost` KiB, 19 MiB with the default cost),
 //! allocated on its first job and reused for every later one, so the memory spent on hashing
-//! is at most `WORKERS × 19 MiB` for the life of the node and never grows with the load (a
-//! fresh buffer per hash on many threads left one freed 19 MiB block in each thread's malloc
-//! arena).
+//! is at most `WORKERS × 19 MiB` for the life of the node and never grows with the load. (A
+//! buffer allocated per hash, on whichever threads ran them, would leave a freed 19 MiB block
+//! cached in each of those threads' malloc arenas.)
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
