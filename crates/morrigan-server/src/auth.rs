@@ -1,7 +1,6 @@
-//! Operator authentication: argon2id passwords, user tokens, functions (permissions).
+//! Operator authentication: user tokens, functions (permissions) and who may grant what.
+//! Passwords are hashed by [`crate::passwords`].
 
-use argon2::Argon2;
-use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
@@ -40,30 +39,6 @@ pub mod functions {
         IDENTITY_UPDATE_ALL,
         IDENTITY_DELETE_ALL,
     ];
-}
-
-/// Hashes a password with argon2id (PHC string).
-pub fn hash_password(password: &str) -> Result<String, ApiError> {
-    Argon2::default()
-        .hash_password(password.as_bytes())
-        .map(|h| h.to_string())
-        .map_err(|_| ApiError::internal("could not hash the password"))
-}
-
-/// Verifies a password against a PHC hash in constant time.
-pub fn verify_password(password: &str, hash: &str) -> bool {
-    Argon2::default()
-        .verify_password(password.as_bytes(), hash)
-        .is_ok()
-}
-
-/// Runs argon2 blocking work off the async threads.
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| ApiError::internal("password worker failed"))
 }
 
 /// Identity names: 1-64 of `[A-Za-z0-9_.-]`, anchored (the original's regex was not: S9).
@@ -122,6 +97,42 @@ impl User {
             }
         }
         Ok(())
+    }
+
+    /// The functions of `functions` this identity does not hold, quoted, comma-separated.
+    fn lacking<'a>(&self, functions: impl IntoIterator<Item = &'a str>) -> Option<String> {
+        let mut lacking: Vec<String> = Vec::new();
+        for f in functions {
+            let quoted = format!("'{f}'");
+            if !self.identity.functions.iter().any(|g| g == f) && !lacking.contains(&quoted) {
+                lacking.push(quoted);
+            }
+        }
+        (!lacking.is_empty()).then(|| lacking.join(", "))
+    }
+
+    /// 403 unless this identity holds every function in `functions`: nobody grants a
+    /// function they do not hold (to another identity or, through its id, to itself).
+    pub fn may_grant(&self, functions: &[String]) -> Result<(), ApiError> {
+        match self.lacking(functions.iter().map(String::as_str)) {
+            None => Ok(()),
+            Some(list) => Err(ApiError::forbidden(format!(
+                "You cannot grant functions you do not hold: {list}."
+            ))),
+        }
+    }
+
+    /// 403 unless this identity holds every function `target` holds: an identity changes or
+    /// deletes only identities no more privileged than itself (no password reset of a
+    /// superior, no stripping one).
+    pub fn may_manage(&self, target: &IdentityRow) -> Result<(), ApiError> {
+        match self.lacking(target.functions.iter().map(String::as_str)) {
+            None => Ok(()),
+            Some(list) => Err(ApiError::forbidden(format!(
+                "Identity '{}' holds functions you do not hold: {list}.",
+                target.name
+            ))),
+        }
     }
 }
 
@@ -195,16 +206,4 @@ impl FromRequestParts<AppState> for User {
         state.user_cache.put(token, &user, claims.exp);
         Ok(user)
     }
-}
-
-/// A hash of a random password, verified against when a login names an unknown user so that the
-/// answer takes as long as a wrong password (no user enumeration by timing: S8).
-pub fn dummy_hash() -> &'static str {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DUMMY.get_or_init(|| {
-        Argon2::default()
-            .hash_password(uuid::Uuid::new_v4().to_string().as_bytes())
-            .map(|h| h.to_string())
-            .unwrap_or_default()
-    })
 }

@@ -14,6 +14,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub state: &'static str,
     pub reason: String,
+    /// Seconds for a `Retry-After` header (429, 503).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -22,7 +24,13 @@ impl ApiError {
             status,
             state,
             reason: reason.into(),
+            retry_after: None,
         }
+    }
+    /// The same error, answered with `Retry-After: <seconds>`.
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
     /// 400: the request itself is wrong.
     pub fn bad_request(reason: impl Into<String>) -> Self {
@@ -91,7 +99,13 @@ impl IntoResponse for ApiError {
             status: "failed".to_string(),
             reason: self.reason,
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 

@@ -11,7 +11,9 @@
 //! * [`providers`]: message routing by `type` prefix; the extension point.
 //! * [`hooks`]: authenticate / connect / disconnect callbacks for embedders.
 //! * [`tokens`]: EdDSA JWTs, keys in the store, verification by `kid`.
-//! * [`auth`]: operators: argon2id passwords, user tokens, functions.
+//! * [`auth`]: operators: user tokens, functions, who may grant what.
+//! * [`passwords`]: argon2id on a few fixed threads (bounded concurrency and memory).
+//! * [`throttle`]: failed logins per address and per name.
 //! * [`store`]: the persistence trait and one file per backend.
 //! * [`metrics`], [`events`]: Prometheus metrics and the connection event stream.
 
@@ -28,12 +30,14 @@ pub mod hub;
 pub mod listener;
 pub mod metered_store;
 pub mod metrics;
+pub mod passwords;
 pub mod providers;
 pub mod routes;
 pub mod server;
 pub mod session;
 pub mod state;
 pub mod store;
+pub mod throttle;
 pub mod ticket;
 pub mod tls;
 pub mod tokens;

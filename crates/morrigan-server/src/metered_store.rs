@@ -107,16 +107,16 @@ impl Store for MeteredStore {
             .store_duration("identities", r.is_ok(), started.elapsed());
         r
     }
-    async fn update_identity(&self, row: &IdentityRow) -> Result<bool> {
+    async fn update_identity(&self, row: &IdentityRow, full: &[&str]) -> Result<IdentityChange> {
         let started = Instant::now();
-        let r = self.inner.update_identity(row).await;
+        let r = self.inner.update_identity(row, full).await;
         self.metrics
             .store_duration("update_identity", r.is_ok(), started.elapsed());
         r
     }
-    async fn delete_identity(&self, id: &str) -> Result<bool> {
+    async fn delete_identity(&self, id: &str, full: &[&str]) -> Result<IdentityChange> {
         let started = Instant::now();
-        let r = self.inner.delete_identity(id).await;
+        let r = self.inner.delete_identity(id, full).await;
         self.metrics
             .store_duration("delete_identity", r.is_ok(), started.elapsed());
         r

@@ -52,6 +52,8 @@ pub const HTTP_REQUESTS_REFUSED: &str = "morrigan_http_requests_refused_total";
 pub const HTTP_OPEN: &str = "morrigan_http_connections_open";
 /// Every socket the node holds, HTTP and WebSocket (gauge; `node`).
 pub const SOCKETS_OPEN: &str = "morrigan_sockets_open";
+/// Failed logins (counter; `reason` = password | throttled | busy).
+pub const LOGIN_FAILURES: &str = "morrigan_login_failures_total";
 
 /// Every metric name, with its help text.
 pub const NAMES: &[(&str, &str)] = &[
@@ -113,6 +115,10 @@ pub const NAMES: &[(&str, &str)] = &[
     (
         SOCKETS_OPEN,
         "Sockets held by this node: HTTP connections and WebSockets.",
+    ),
+    (
+        LOGIN_FAILURES,
+        "Failed logins, by reason (password, throttled, busy).",
     ),
 ];
 
@@ -307,6 +313,13 @@ impl Metrics {
     pub fn bus_duration(&self, op: &'static str, outcome: &'static str, took: Duration) {
         self.histogram(BUS_SECONDS, &[("op", op), ("outcome", outcome)])
             .record(took);
+    }
+
+    /// `reason`: `password` (wrong password or unknown name), `throttled` (refused unchecked,
+    /// 429) or `busy` (no password hasher free in time, 503).
+    pub fn login_failed(&self, reason: &'static str) {
+        self.counter(LOGIN_FAILURES, &[("reason", reason)])
+            .increment(1);
     }
 
     pub fn subscriber(&self, delta: f64) {

@@ -72,6 +72,8 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error("could not create the admin identity: {0}")]
     Admin(String),
+    #[error("could not start the password hashing threads: {0}")]
+    Hashers(std::io::Error),
     #[error(transparent)]
     Bus(#[from] crate::bus::BusError),
     #[error(transparent)]
@@ -145,7 +147,8 @@ impl ServerBuilder {
         let tokens = Tokens::load_or_create(&config.data_dir, &node_id, store.clone())
             .await?
             .with_metrics(metrics.clone());
-        bootstrap_admin(&config, store.as_ref()).await?;
+        let passwords = crate::passwords::Passwords::start().map_err(StartError::Hashers)?;
+        bootstrap_admin(&config, store.as_ref(), &passwords).await?;
 
         // Records this node left open are from a crash: their sockets are gone.
         let now = time_format::now();
@@ -244,6 +247,8 @@ impl ServerBuilder {
             metrics,
             admission,
             user_cache: Default::default(),
+            passwords,
+            login_throttle: Default::default(),
             owners: Default::default(),
             sessions: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -558,7 +563,11 @@ async fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<sqlx::PgP
 /// On a first start (no identities) creates `admin` with every function. The password is
 /// `MORRIGAN_ADMIN_PASSWORD` if set, else generated and written to
 /// `<data_dir>/initial-admin-password` (mode 0600). No password is hard-coded (S6).
-async fn bootstrap_admin(config: &Config, store: &dyn Store) -> Result<(), StartError> {
+async fn bootstrap_admin(
+    config: &Config,
+    store: &dyn Store,
+    passwords: &crate::passwords::Passwords,
+) -> Result<(), StartError> {
     if store.count_identities().await? > 0 {
         return Ok(());
     }
@@ -579,11 +588,10 @@ async fn bootstrap_admin(config: &Config, store: &dyn Store) -> Result<(), Start
             )
         }
     };
-    let pw = password.clone();
-    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&pw))
+    let hash = passwords
+        .hash(&password)
         .await
-        .map_err(|e| StartError::Admin(e.to_string()))?
-        .map_err(|e| StartError::Admin(e.reason))?;
+        .map_err(|e| StartError::Admin(e.to_string()))?;
     let now = time_format::now();
     let created = store
         .insert_identity(&IdentityRow {

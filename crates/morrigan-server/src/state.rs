@@ -39,6 +39,10 @@ pub struct Inner {
     pub heartbeats: HeartbeatQueue,
     /// Recently verified user tokens (see [`crate::auth::UserCache`]).
     pub user_cache: crate::auth::UserCache,
+    /// Every argon2 computation runs here, a few at a time (see [`crate::passwords`]).
+    pub passwords: Arc<crate::passwords::Passwords>,
+    /// Failed logins per address and per name (see [`crate::throttle`]).
+    pub login_throttle: crate::throttle::LoginThrottle,
     /// The node of each remote connection this node has sent to (see [`crate::cluster::route`]).
     pub owners: dashmap::DashMap<String, Arc<str>>,
     /// This node's Prometheus registry (`GET /metrics`).

@@ -1,5 +1,6 @@
-//! The store backends behind the same trait: the heartbeat batch, token consumption and node
-//! reaping on SQLite and (with `MORRIGAN_TEST_POSTGRES_URL`) on a fresh PostgreSQL database.
+//! The store backends behind the same trait: the heartbeat batch, token consumption, node
+//! reaping and the guard on the last full identity, on SQLite and (with
+//! `MORRIGAN_TEST_POSTGRES_URL`) on a fresh PostgreSQL database.
 
 use std::sync::Arc;
 
@@ -8,7 +9,8 @@ use morrigan_protocol::records::ConnectionRecord;
 use morrigan_server::store::postgres::PgStore;
 use morrigan_server::store::sqlite::SqliteStore;
 use morrigan_server::store::{
-    CloseInfo, Heartbeat, NodeRow, Proof, Result, Store, TokenKind, TokenRow,
+    CloseInfo, Heartbeat, IdentityChange, IdentityRow, NodeRow, Proof, Result, Store, TokenKind,
+    TokenRow,
 };
 
 const FAR: &str = "2999-01-01T00:00:00.000Z";
@@ -357,6 +359,85 @@ async fn exercise(store: Arc<dyn Store>) {
             .is_empty()
     );
     assert!(!store.renew_node("node-1", far).await.expect("renew lost"));
+
+    last_full_identity_survives_concurrent_changes(&store).await;
+}
+
+fn identity_row(id: &str, functions: &[&str]) -> IdentityRow {
+    IdentityRow {
+        id: id.into(),
+        name: id.into(),
+        functions: functions.iter().map(|f| f.to_string()).collect(),
+        password_hash: "hash".into(),
+        created: "2026-01-01T00:00:00.000Z".into(),
+        updated: "2026-01-01T00:00:00.000Z".into(),
+    }
+}
+
+/// Two full identities, changed at once so that each change alone is allowed but both
+/// together would leave none: exactly one change is made.
+async fn last_full_identity_survives_concurrent_changes(store: &Arc<dyn Store>) {
+    for round in 0..12 {
+        // Each round its own set of functions, so only this round's pair holds all of it.
+        let (f1, f2) = (format!("r{round}.a"), format!("r{round}.b"));
+        let full = [f1.as_str(), f2.as_str()];
+        let (x, y) = (format!("x{round}"), format!("y{round}"));
+        for id in [&x, &y] {
+            store
+                .insert_identity(&identity_row(id, &full))
+                .await
+                .expect("insert");
+        }
+        let stripped = identity_row(&y, &full[..1]);
+        let (rx, ry) = if round % 2 == 0 {
+            tokio::join!(
+                store.delete_identity(&x, &full),
+                store.delete_identity(&y, &full)
+            )
+        } else {
+            tokio::join!(
+                store.delete_identity(&x, &full),
+                store.update_identity(&stripped, &full)
+            )
+        };
+        let outcomes = [rx.expect("x"), ry.expect("y")];
+        let done = outcomes
+            .iter()
+            .filter(|o| **o == IdentityChange::Done)
+            .count();
+        assert_eq!(done, 1, "round {round}: {outcomes:?}");
+        assert!(outcomes.contains(&IdentityChange::LastFull), "{outcomes:?}");
+        let holders: Vec<_> = store
+            .identities()
+            .await
+            .expect("identities")
+            .into_iter()
+            .filter(|i| full.iter().all(|f| i.functions.iter().any(|g| g == f)))
+            .collect();
+        assert_eq!(holders.len(), 1, "round {round}: {holders:?}");
+        // The survivor can be neither deleted nor stripped; an unknown id is not found.
+        let survivor = &holders[0];
+        assert_eq!(
+            store
+                .delete_identity(&survivor.id, &full)
+                .await
+                .expect("delete"),
+            IdentityChange::LastFull
+        );
+        let mut less = survivor.clone();
+        less.functions.pop();
+        assert_eq!(
+            store.update_identity(&less, &full).await.expect("update"),
+            IdentityChange::LastFull
+        );
+        assert_eq!(
+            store
+                .delete_identity("nobody", &full)
+                .await
+                .expect("delete"),
+            IdentityChange::NotFound
+        );
+    }
 }
 
 #[tokio::test]

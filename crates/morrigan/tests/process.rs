@@ -480,3 +480,149 @@ async fn sigterm_exits_0_in_time_while_a_device_does_not_read() {
     assert_eq!(good_reader.await.unwrap(), Some(1001));
     drop(stuck);
 }
+
+/// `(VmRSS, VmHWM)` of process `pid`, in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// `POST /api/auth` over a socket bound to `local`, as plain HTTP/1.1; the status code, or 0 if
+/// the exchange failed or took longer than [`WAIT`].
+async fn raw_login(port: u16, local: std::net::Ipv4Addr, name: &str, password: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let socket = tokio::net::TcpSocket::new_v4().ok()?;
+        socket.bind((local, 0).into()).ok()?;
+        let mut stream = socket.connect(([127, 0, 0, 1], port).into()).await.ok()?;
+        let body = json!({"name": name, "password": password}).to_string();
+        let request = format!(
+            "POST /api/auth HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.ok()?;
+        let text = String::from_utf8_lossy(&answer);
+        text.split(' ').nth(1)?.parse::<u16>().ok()
+    };
+    tokio::time::timeout(WAIT, exchange)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(0)
+}
+
+/// 500 concurrent logins with unknown names, each from its own address (so none is throttled
+/// and every one asks for a password hash): the server's memory stays within a fixed bound
+/// over its warm baseline, every login is answered (403, or 503 when the hashers are busy),
+/// and the memory returns afterwards.
+#[tokio::test]
+async fn a_burst_of_logins_keeps_memory_bounded_and_it_returns() {
+    /// Peak resident memory allowed over the warm baseline during the burst.
+    const PEAK_OVER_BASELINE_KIB: u64 = 64 * 1024;
+    /// Resident memory allowed over the warm baseline once the burst is answered.
+    const AFTER_OVER_BASELINE_KIB: u64 = 32 * 1024;
+    const LOGINS: usize = 500;
+    let tmp = TempDir::new().unwrap();
+    let data = tmp.path().join("data");
+    let proc = serve(tmp.path(), &data).await;
+    let port: u16 = proc.base.rsplit(':').next().unwrap().parse().unwrap();
+    let pid = proc.child.id();
+    let address =
+        |i: usize| std::net::Ipv4Addr::new(127, 0, 10 + (i / 250) as u8, 1 + (i % 250) as u8);
+
+    // Warm: the hashers have run, the admin has logged in.
+    proc.admin().await;
+    let warm = futures_util::future::join_all((0..8).map(|i| {
+        raw_login(
+            port,
+            std::net::Ipv4Addr::new(127, 0, 9, 1 + i),
+            "warm-up",
+            "wrong-password",
+        )
+    }))
+    .await;
+    assert!(
+        warm.iter().all(|s| [403, 503].contains(s)),
+        "warm-up: {warm:?}"
+    );
+    let (baseline, _) = memory_kib(pid);
+
+    // The burst, watched: stop at once if the bound is crossed.
+    let names: Vec<String> = (0..LOGINS).map(|i| format!("nobody-{i}")).collect();
+    let burst = futures_util::future::join_all(
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| raw_login(port, address(i), name, "wrong-password")),
+    );
+    let watch = async {
+        loop {
+            let (rss, _) = memory_kib(pid);
+            if rss > baseline + PEAK_OVER_BASELINE_KIB {
+                return rss;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let started = tokio::time::Instant::now();
+    let statuses = tokio::select! {
+        statuses = burst => statuses,
+        rss = watch => panic!(
+            "resident memory {} MiB during the burst, over the bound {} + {} MiB",
+            rss / 1024, baseline / 1024, PEAK_OVER_BASELINE_KIB / 1024
+        ),
+    };
+    let took = started.elapsed();
+    let (_, peak) = memory_kib(pid);
+    let busy = statuses.iter().filter(|s| **s == 503).count();
+    let refused = statuses.iter().filter(|s| **s == 403).count();
+    assert_eq!(
+        busy + refused,
+        LOGINS,
+        "every login answered 403 or 503 within {WAIT:?}: {:?}",
+        statuses
+            .iter()
+            .filter(|s| ![403, 503].contains(*s))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        peak <= baseline + PEAK_OVER_BASELINE_KIB,
+        "peak resident memory {} MiB over a baseline of {} MiB",
+        peak / 1024,
+        baseline / 1024
+    );
+    eprintln!(
+        "burst of {LOGINS} logins in {took:?}: {refused} checked, {busy} busy; \
+         baseline {} KiB, peak {} KiB",
+        baseline, peak
+    );
+
+    // The memory comes back.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (rss, _) = memory_kib(pid);
+        if rss <= baseline + AFTER_OVER_BASELINE_KIB {
+            eprintln!("after the burst: {rss} KiB");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "resident memory {} MiB {WAIT:?} after the burst, baseline {} MiB",
+            rss / 1024,
+            baseline / 1024
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Still serving.
+    proc.admin().await;
+}

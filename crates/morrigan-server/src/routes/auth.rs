@@ -1,7 +1,10 @@
 //! `/api/auth`: login and operator identities.
 
+use std::net::{IpAddr, SocketAddr};
+
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode};
 use morrigan_protocol::api::{LoginRequest, TokenResponse, audience};
 use morrigan_protocol::records::Identity;
 use morrigan_protocol::time_format;
@@ -13,8 +16,9 @@ use utoipa_axum::routes;
 use super::ApiJson;
 use crate::auth::{self, User, functions};
 use crate::error::{ApiError, ApiResult};
+use crate::passwords::HashError;
 use crate::state::AppState;
-use crate::store::{IdentityRow, TokenKind, TokenRow};
+use crate::store::{IdentityChange, IdentityRow, TokenKind, TokenRow};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -54,13 +58,29 @@ pub async fn issue_user_token(s: &AppState, identity_id: &str) -> ApiResult<Stri
     Ok(issued.token)
 }
 
-/// Logs in. Unknown user and wrong password get the same answer, in the same time.
+fn invalid_login() -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "failed",
+        "Invalid username/password.",
+    )
+}
+
+/// Logs in. Unknown user and wrong password get the same answer, in the same time. Failed
+/// logins are throttled per source address and per name (see [`crate::throttle`]): a
+/// throttled attempt is answered 429 with `Retry-After` without being checked. The password
+/// is checked by one of a few hashing threads (see [`crate::passwords`]): 503 with
+/// `Retry-After` when none is free in time.
 #[utoipa::path(post, path = "/api/auth", tag = "auth", request_body = LoginRequest,
     responses((status = 200, body = TokenResponse),
               (status = 400, description = "Malformed body", body = morrigan_protocol::api::ErrorBody),
-              (status = 403, description = "Invalid username/password", body = morrigan_protocol::api::ErrorBody)))]
+              (status = 403, description = "Invalid username/password", body = morrigan_protocol::api::ErrorBody),
+              (status = 429, description = "Too many failed logins from this address or for this name; see Retry-After", body = morrigan_protocol::api::ErrorBody),
+              (status = 503, description = "Too many logins in progress; see Retry-After", body = morrigan_protocol::api::ErrorBody)))]
 async fn login(
     State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> ApiResult<Json<TokenResponse>> {
     if req.name.is_empty() {
@@ -70,27 +90,38 @@ async fn login(
         return Err(ApiError::bad_request("No password specified."));
     }
     if req.password.len() > 1024 || req.name.len() > 64 {
-        return Err(ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "failed",
-            "Invalid username/password.",
-        ));
+        s.metrics.login_failed("password");
+        return Err(invalid_login());
     }
+    let address = crate::cluster::client_address(&s, peer, &headers)
+        .parse::<IpAddr>()
+        .unwrap_or(peer.ip());
+    let attempt = s
+        .login_throttle
+        .attempt(address, &req.name)
+        .map_err(|throttled| {
+            s.metrics.login_failed("throttled");
+            tracing::info!(%address, "login throttled");
+            ApiError::from(throttled)
+        })?;
     let row = s.store.identity_by_name(&req.name).await?;
-    let hash = row
-        .as_ref()
-        .map(|r| r.password_hash.clone())
-        .unwrap_or_else(|| auth::dummy_hash().to_string());
-    let password = req.password;
-    let ok = auth::blocking(move || auth::verify_password(&password, &hash)).await?;
-    let Some(row) = row.filter(|_| ok) else {
-        tracing::info!("login refused");
-        return Err(ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "failed",
-            "Invalid username/password.",
-        ));
+    let hash = row.as_ref().map(|r| r.password_hash.as_str());
+    let ok = match s.passwords.verify(&req.password, hash).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            if matches!(e, HashError::Busy) {
+                s.metrics.login_failed("busy");
+            }
+            return Err(e.into());
+        }
     };
+    let Some(row) = row.filter(|_| ok) else {
+        attempt.failed();
+        s.metrics.login_failed("password");
+        tracing::info!(%address, "login refused");
+        return Err(invalid_login());
+    };
+    attempt.succeeded();
     let token = issue_user_token(&s, &row.id).await?;
     tracing::info!(identity = %row.name, "login");
     Ok(Json(TokenResponse {
@@ -165,7 +196,8 @@ fn check_name(name: &str) -> ApiResult<()> {
     }
 }
 
-/// Creates an identity (function `auth.identity.create`).
+/// Creates an identity (function `auth.identity.create`) holding only functions the caller
+/// holds (403 naming the others).
 #[utoipa::path(post, path = "/api/auth/identity", tag = "auth", security(("userToken" = [])),
     request_body = CreateIdentity,
     responses((status = 200, description = "{\"state\":\"success\",\"identity\":{..}}", body = Value),
@@ -188,10 +220,11 @@ async fn create_identity(
     let password = password_of(&auth)?.to_string();
     let functions = req.functions.unwrap_or_default();
     auth::validate_functions(&functions)?;
+    user.may_grant(&functions)?;
     if s.store.identity_by_name(&name).await?.is_some() {
         return Err(ApiError::bad_request("Identity name already in use."));
     }
-    let hash = auth::blocking(move || auth::hash_password(&password)).await??;
+    let hash = s.passwords.hash(&password).await?;
     let now = time_format::now();
     let row = IdentityRow {
         id: uuid::Uuid::new_v4().to_string(),
@@ -262,17 +295,23 @@ async fn apply_patch(
     }
     let mut password_changed = false;
     if let Some(auth) = req.auth {
-        let password = password_of(&auth)?.to_string();
-        row.password_hash = auth::blocking(move || auth::hash_password(&password)).await??;
+        let password = password_of(&auth)?;
+        row.password_hash = s.passwords.hash(password).await?;
         password_changed = true;
     }
     row.updated = time_format::now();
-    let updated = s.store.update_identity(&row).await;
+    let updated = s.store.update_identity(&row, functions::ALL).await;
     // Cached sessions carry the identity's old name and functions.
     s.user_cache.clear();
     match updated {
-        Ok(true) => {}
-        Ok(false) => return Err(ApiError::not_found("No such identity.")),
+        Ok(IdentityChange::Done) => {}
+        Ok(IdentityChange::NotFound) => return Err(ApiError::not_found("No such identity.")),
+        Ok(IdentityChange::LastFull) => {
+            return Err(ApiError::conflict(format!(
+                "'{}' is the last identity holding every function; it cannot lose any.",
+                row.name
+            )));
+        }
         Err(crate::store::StoreError::Conflict(_)) => {
             return Err(ApiError::bad_request("Identity name already in use."));
         }
@@ -310,14 +349,17 @@ async fn get_identity(
     Ok(identity_body(&row))
 }
 
-/// Changes an identity's name, password or functions (function `auth.identity.update.all`).
+/// Changes an identity's name, password or functions (function `auth.identity.update.all`):
+/// only an identity whose functions the caller holds, and only to functions the caller holds
+/// (403 naming the others); never the last identity holding every function out of one (409).
 #[utoipa::path(patch, path = "/api/auth/identity/{id}", tag = "auth", security(("userToken" = [])),
     params(("id" = String, Path, description = "Identity id")), request_body = PatchIdentity,
     responses((status = 200, body = Value),
               (status = 400, body = morrigan_protocol::api::ErrorBody),
               (status = 401, body = morrigan_protocol::api::ErrorBody),
               (status = 403, body = morrigan_protocol::api::ErrorBody),
-              (status = 404, body = morrigan_protocol::api::ErrorBody)))]
+              (status = 404, body = morrigan_protocol::api::ErrorBody),
+              (status = 409, description = "The last identity holding every function would lose one", body = morrigan_protocol::api::ErrorBody)))]
 async fn patch_identity(
     State(s): State<AppState>,
     user: User,
@@ -330,29 +372,50 @@ async fn patch_identity(
         .identity(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("No such identity."))?;
+    user.may_manage(&row)?;
+    if let Some(functions) = &req.functions {
+        auth::validate_functions(functions)?;
+        user.may_grant(functions)?;
+    }
     let keep = (row.id == user.identity.id).then_some(user.token_id.as_str());
     let row = apply_patch(&s, row, req, keep).await?;
     tracing::info!(by = %user.identity.name, identity = %row.name, "identity updated");
     Ok(identity_body(&row))
 }
 
-/// Deletes an identity and revokes its sessions (function `auth.identity.delete.all`).
+/// Deletes an identity and revokes its sessions (function `auth.identity.delete.all`): only
+/// an identity whose functions the caller holds (403), never the last identity holding every
+/// function (409).
 #[utoipa::path(delete, path = "/api/auth/identity/{id}", tag = "auth", security(("userToken" = [])),
     params(("id" = String, Path, description = "Identity id")),
     responses((status = 200, body = Value),
               (status = 401, body = morrigan_protocol::api::ErrorBody),
               (status = 403, body = morrigan_protocol::api::ErrorBody),
-              (status = 404, body = morrigan_protocol::api::ErrorBody)))]
+              (status = 404, body = morrigan_protocol::api::ErrorBody),
+              (status = 409, description = "The last identity holding every function", body = morrigan_protocol::api::ErrorBody)))]
 async fn delete_identity(
     State(s): State<AppState>,
     user: User,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     user.require(&[functions::IDENTITY_DELETE_ALL])?;
-    let deleted = s.store.delete_identity(&id).await?;
+    let row = s
+        .store
+        .identity(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("No such identity."))?;
+    user.may_manage(&row)?;
+    let deleted = s.store.delete_identity(&id, functions::ALL).await?;
     s.user_cache.clear();
-    if !deleted {
-        return Err(ApiError::not_found("No such identity."));
+    match deleted {
+        IdentityChange::Done => {}
+        IdentityChange::NotFound => return Err(ApiError::not_found("No such identity.")),
+        IdentityChange::LastFull => {
+            return Err(ApiError::conflict(format!(
+                "'{}' is the last identity holding every function; it cannot be deleted.",
+                row.name
+            )));
+        }
     }
     tracing::info!(by = %user.identity.name, identity = %id, "identity deleted");
     Ok(Json(json!({"state": "success"})))

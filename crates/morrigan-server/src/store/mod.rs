@@ -7,6 +7,7 @@
 //! comparisons on every backend.
 
 pub(crate) mod batch;
+pub(crate) mod identities;
 pub mod postgres;
 pub(crate) mod sql;
 pub mod sqlite;
@@ -133,6 +134,17 @@ pub struct IdentityRow {
     pub updated: String,
 }
 
+/// What a guarded identity change did ([`Store::update_identity`], [`Store::delete_identity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityChange {
+    Done,
+    /// No such identity.
+    NotFound,
+    /// Refused: it is the last identity holding every function asked to be kept, and would
+    /// no longer be.
+    LastFull,
+}
+
 /// A coalesced heartbeat observation, written in batches (never one write per pong).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Heartbeat {
@@ -197,9 +209,13 @@ pub trait Store: Send + Sync + 'static {
     async fn identity(&self, id: &str) -> Result<Option<IdentityRow>>;
     async fn identity_by_name(&self, name: &str) -> Result<Option<IdentityRow>>;
     async fn identities(&self) -> Result<Vec<IdentityRow>>;
-    /// Replaces name, functions and hash; false when the identity does not exist.
-    async fn update_identity(&self, row: &IdentityRow) -> Result<bool>;
-    async fn delete_identity(&self, id: &str) -> Result<bool>;
+    /// Replaces name, functions and hash, unless the identity is the last one holding every
+    /// function in `full` and the new functions do not. Atomic: concurrent changes cannot
+    /// together leave no identity holding all of `full` (see `store/identities.rs`).
+    async fn update_identity(&self, row: &IdentityRow, full: &[&str]) -> Result<IdentityChange>;
+    /// Deletes the identity and its user tokens, unless it is the last one holding every
+    /// function in `full`; atomic like [`Store::update_identity`].
+    async fn delete_identity(&self, id: &str, full: &[&str]) -> Result<IdentityChange>;
 
     // --- revocable tokens ---
     async fn insert_token(&self, row: &TokenRow) -> Result<()>;

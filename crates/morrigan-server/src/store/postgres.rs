@@ -79,4 +79,19 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// A transaction holding the advisory lock that serialises the guarded identity changes
+    /// (see `identities.rs`); released at commit or rollback.
+    async fn begin_identities(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(super::identities::PG_IDENTITY_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        Ok(tx)
+    }
+}
+
+super::identities::guarded_identities!(PgStore, sqlx::Postgres);
 super::sql::sql_store!(PgStore, sqlx::Postgres, sqlx::postgres::PgRow, numbered: true);

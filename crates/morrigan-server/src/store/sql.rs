@@ -122,8 +122,8 @@ macro_rules! sql_store {
                 AcceptRequest, BATCH_ROWS, CloseRequest, HotPath, IssueRequest, db,
             };
             use $crate::store::{
-                CloseInfo, ConnectionFilter, Heartbeat, IdentityRow, NodeRow, Proof, Result,
-                SigningKeyRow, Store, StoreError, TokenKind, TokenRow,
+                CloseInfo, ConnectionFilter, Heartbeat, IdentityChange, IdentityRow, NodeRow, Proof,
+                Result, SigningKeyRow, Store, StoreError, TokenKind, TokenRow,
             };
 
         fn connection_from_row(row: &$row) -> Result<ConnectionRecord> {
@@ -472,38 +472,12 @@ macro_rules! sql_store {
                 rows.iter().map(identity_from_row).collect()
             }
 
-            async fn update_identity(&self, row: &IdentityRow) -> Result<bool> {
-                let functions =
-                    serde_json::to_string(&row.functions).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                let r = sqlx::query(
-                    "UPDATE identities SET name = $2, functions = $3, password_hash = $4, updated = $5 \
-                     WHERE id = $1",
-                )
-                .bind(&row.id)
-                .bind(&row.name)
-                .bind(functions)
-                .bind(&row.password_hash)
-                .bind(&row.updated)
-                .execute(&self.pool)
-                .await
-                .map_err(db)?;
-                Ok(r.rows_affected() == 1)
+            async fn update_identity(&self, row: &IdentityRow, full: &[&str]) -> Result<IdentityChange> {
+                self.guarded_update(row, full).await
             }
 
-            async fn delete_identity(&self, id: &str) -> Result<bool> {
-                let mut tx = self.pool.begin().await.map_err(db)?;
-                let r = sqlx::query("DELETE FROM identities WHERE id = $1")
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                sqlx::query("DELETE FROM tokens WHERE kind = 'user' AND subject = $1")
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                tx.commit().await.map_err(db)?;
-                Ok(r.rows_affected() == 1)
+            async fn delete_identity(&self, id: &str, full: &[&str]) -> Result<IdentityChange> {
+                self.guarded_delete(id, full).await
             }
 
             async fn insert_token(&self, row: &TokenRow) -> Result<()> {

@@ -99,4 +99,13 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// A transaction that is the database's one writer from its start, for the guarded
+    /// identity changes (see `identities.rs`).
+    async fn begin_identities(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)
+    }
+}
+
+super::identities::guarded_identities!(SqliteStore, sqlx::Sqlite);
 super::sql::sql_store!(SqliteStore, sqlx::Sqlite, sqlx::sqlite::SqliteRow, numbered: false);
