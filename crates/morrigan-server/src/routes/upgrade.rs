@@ -17,6 +17,7 @@ use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::error::ApiError;
+use crate::listener::Counted;
 
 /// A valid WebSocket upgrade request, not yet answered.
 pub struct Upgrade {
@@ -80,10 +81,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
     }
 }
 
-/// A socket after the handshake: the TCP stream itself when the connection is plain TCP, else
-/// hyper's upgraded I/O (TLS).
+/// A socket after the handshake: the (counted) TCP stream itself when the connection is plain
+/// TCP, else hyper's upgraded I/O (TLS).
 pub enum Socket {
-    Tcp(WebSocketStream<TcpStream>),
+    Tcp(WebSocketStream<Counted<TcpStream>>),
     Upgraded(WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>),
 }
 
@@ -108,7 +109,7 @@ impl Upgrade {
                 Ok(u) => u,
                 Err(e) => return on_failed(e),
             };
-            let socket = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            let socket = match upgraded.downcast::<TokioIo<Counted<TcpStream>>>() {
                 Ok(parts) if parts.read_buf.is_empty() => Socket::Tcp(
                     WebSocketStream::from_raw_socket(
                         parts.io.into_inner(),
