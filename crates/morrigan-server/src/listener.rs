@@ -25,12 +25,17 @@
 //! and nothing per read. A request in flight (an event stream) is not waiting for a head and is
 //! not cut. An upgraded socket is no longer hyper's: it pays nothing here (its reads go through
 //! [`Counted`], which only forwards them).
+//!
+//! A response the peer does not read is bounded too: [`Counted`] notes when a write starts
+//! waiting on the peer, and a connection whose write has waited longer than the write timeout
+//! is closed (`morrigan_http_connections_cut_total{reason="write_timeout"}`). An event stream
+//! waiting for its next event is not writing, so it is not cut.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -164,10 +169,53 @@ impl Drop for SocketSlot {
 }
 
 /// A socket that holds its place in the socket count until it is dropped (closed). Reads and
-/// writes are forwarded unchanged.
+/// writes are forwarded unchanged; a write that waits on the peer is noted in [`Stall`].
 pub struct Counted<T> {
     io: T,
     _slot: SocketSlot,
+    stall: Arc<Stall>,
+}
+
+/// Since when a write to a socket has been waiting on its peer (milliseconds on the process's
+/// monotonic clock, 0 when no write waits).
+#[derive(Default)]
+struct Stall {
+    since_ms: AtomicU64,
+}
+
+fn monotonic_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+    // Never 0, which means "not waiting".
+    u64::try_from(epoch.elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+impl Stall {
+    #[inline]
+    fn note<T>(&self, poll: &Poll<T>) {
+        match poll {
+            Poll::Pending => {
+                if self.since_ms.load(Ordering::Relaxed) == 0 {
+                    self.since_ms.store(monotonic_ms(), Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(_) => {
+                if self.since_ms.load(Ordering::Relaxed) != 0 {
+                    self.since_ms.store(0, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// How long the current write has waited, if one does.
+    fn waited(&self) -> Option<Duration> {
+        match self.since_ms.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(Duration::from_millis(monotonic_ms().saturating_sub(since))),
+        }
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
@@ -188,7 +236,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.stall.note(&poll);
+        poll
     }
 
     #[inline]
@@ -197,7 +247,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.stall.note(&poll);
+        poll
     }
 
     #[inline]
@@ -207,7 +259,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
 
     #[inline]
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let poll = Pin::new(&mut self.io).poll_flush(cx);
+        self.stall.note(&poll);
+        poll
     }
 
     #[inline]
@@ -287,6 +341,7 @@ pub struct Serving {
     service: NormalizePath<Router>,
     tls: Option<TlsAcceptor>,
     idle: Duration,
+    write_timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -306,6 +361,7 @@ impl Serving {
             service,
             tls,
             idle: config.http_idle_timeout,
+            write_timeout: config.effective_write_timeout(),
             metrics,
         }
     }
@@ -321,9 +377,15 @@ impl Serving {
     ) {
         let _ = stream.set_nodelay(true);
         let Permit { http: slot, socket } = permit;
+        let stall = Arc::new(Stall::default());
         let io = Counted {
             io: stream,
             _slot: socket,
+            stall: stall.clone(),
+        };
+        let watch = StallWatch {
+            stall,
+            limit: self.write_timeout,
         };
         let service = self.service.clone();
         let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
@@ -335,7 +397,7 @@ impl Serving {
         match &self.tls {
             None => {
                 let conn = http.serve_connection(TokioIo::new(io), svc).with_upgrades();
-                tokio::spawn(serve(conn, shutdown, slot, metrics));
+                tokio::spawn(serve(conn, shutdown, slot, watch, metrics));
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
@@ -359,19 +421,41 @@ impl Serving {
                     let conn = http
                         .serve_connection(TokioIo::new(stream), svc)
                         .with_upgrades();
-                    serve(conn, shutdown, slot, metrics).await;
+                    serve(conn, shutdown, slot, watch, metrics).await;
                 });
             }
         }
     }
 }
 
+/// Watches one HTTP connection's writes (see [`Stall`]).
+struct StallWatch {
+    stall: Arc<Stall>,
+    limit: Duration,
+}
+
+impl StallWatch {
+    /// Resolves once a write has waited on the peer for longer than the limit.
+    async fn stalled(&self) {
+        let mut tick = tokio::time::interval((self.limit / 4).max(Duration::from_millis(50)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if self.stall.waited().is_some_and(|w| w > self.limit) {
+                return;
+            }
+        }
+    }
+}
+
 /// Drives one HTTP/1.1 connection to its end (or its upgrade), finishing gracefully when
-/// `shutdown` changes. The HTTP slot is released when it returns.
+/// `shutdown` changes and dropping it when a response write waits on the peer for longer than
+/// the write timeout. The HTTP slot is released when it returns.
 async fn serve<I, S, B>(
     conn: http1::UpgradeableConnection<I, S>,
     mut shutdown: watch::Receiver<()>,
     slot: HttpSlot,
+    stall: StallWatch,
     metrics: Arc<Metrics>,
 ) where
     S: hyper::service::HttpService<Incoming, ResBody = B>,
@@ -383,9 +467,19 @@ async fn serve<I, S, B>(
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
+        _ = stall.stalled() => {
+            metrics.connection_cut("write_timeout");
+            return;
+        }
         _ = shutdown.changed() => {
             conn.as_mut().graceful_shutdown();
-            conn.as_mut().await
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stall.stalled() => {
+                    metrics.connection_cut("write_timeout");
+                    return;
+                }
+            }
         }
     };
     drop(slot);

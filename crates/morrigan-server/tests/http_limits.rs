@@ -164,8 +164,8 @@ fn unpooled() -> reqwest::Client {
 
 /// The value of the series of `name` whose labels contain `label`, from `GET /metrics`.
 async fn metric(node: &Node, name: &str, label: &str) -> Option<f64> {
-    let text = node
-        .http
+    // Unpooled: a pooled connection may be closed by the idle bound just as it is reused.
+    let text = unpooled()
         .get(node.url("/metrics"))
         .send()
         .await
@@ -448,4 +448,51 @@ async fn past_the_http_cap_new_connections_are_closed_at_once_and_devices_are_se
     )
     .await;
     assert_eq!(refused, Some(1.0));
+}
+
+#[tokio::test]
+async fn a_response_the_client_does_not_read_is_cut_after_the_write_timeout() {
+    let node = Node::start_with(|c| c.write_timeout = Some(Duration::from_secs(1))).await;
+    // A client with a small receive buffer asks (pipelined) for more than the kernel's buffers
+    // hold and never reads it.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut s = socket.connect(node.addr).await.expect("connect");
+    let request = format!(
+        "GET /api-docs/view/swagger-ui-bundle.js HTTP/1.1\r\nHost: {}\r\n\r\n",
+        node.addr
+    );
+    s.write_all(request.repeat(16).as_bytes())
+        .await
+        .expect("write");
+    let deadline = Instant::now() + Duration::from_secs(1) + SLACK;
+    loop {
+        if metric(
+            &node,
+            "morrigan_http_connections_cut_total",
+            "write_timeout",
+        )
+        .await
+            == Some(1.0)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stalled response was not cut within the write timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The connection is gone: what was sent before the cut, then the end.
+    let mut sink = vec![0u8; 64 * 1024];
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match s.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection was not closed");
 }
