@@ -54,6 +54,9 @@ pub struct Config {
     pub bus: crate::bus::BusConfig,
     /// Peers whose `X-Forwarded-For`/`Forwarded` headers are believed (load balancers).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The longest one store call may take before it fails (a REST request then answers 503);
+    /// the backends give up on its statement first (see [`crate::store::Deadline`]).
+    pub store_timeout: Duration,
 }
 
 impl Config {
@@ -78,6 +81,7 @@ impl Config {
             node_lease: Duration::from_secs(15),
             bus: crate::bus::BusConfig::Auto,
             trusted_proxies: Vec::new(),
+            store_timeout: crate::store::Deadline::DEFAULT.call(),
         }
     }
 

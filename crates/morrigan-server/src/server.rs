@@ -35,7 +35,8 @@ use crate::hub::Hub;
 use crate::providers::{Provider, Providers};
 use crate::state::{AppState, Inner};
 use crate::store::{
-    CloseInfo, IdentityRow, NodeRow, Store, StoreError, postgres::PgStore, sqlite::SqliteStore,
+    CloseInfo, Deadline, IdentityRow, NodeRow, Store, StoreError, postgres::PgStore,
+    sqlite::SqliteStore,
 };
 use crate::tokens::{KeyError, Tokens};
 
@@ -109,11 +110,13 @@ impl ServerBuilder {
         let config = self.config;
         create_data_dir(&config.data_dir)?;
         let node_id = load_node_id(&config.data_dir)?;
-        let (store, pg_pool) = open_store(&config).await?;
+        let deadline = Deadline(config.store_timeout);
+        let (store, pg_pool) = open_store(&config, deadline).await?;
         let metrics = crate::metrics::Metrics::new(&node_id);
         let store: Arc<dyn Store> = Arc::new(crate::metered_store::MeteredStore {
             inner: store,
             metrics: metrics.clone(),
+            deadline,
         });
         let tls = match &config.tls {
             Some(files) => Some(crate::tls::acceptor(&files.cert, &files.key)?),
@@ -538,17 +541,24 @@ fn load_node_id(dir: &Path) -> Result<String, StartError> {
 }
 
 /// Opens the configured store; with PostgreSQL also returns its pool for the LISTEN/NOTIFY bus.
-async fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<sqlx::PgPool>), StartError> {
+async fn open_store(
+    config: &Config,
+    deadline: Deadline,
+) -> Result<(Arc<dyn Store>, Option<sqlx::PgPool>), StartError> {
     match config.database_url.as_deref() {
         None => Ok((
-            Arc::new(SqliteStore::open(&config.data_dir.join("morrigan.db")).await?),
+            Arc::new(
+                SqliteStore::open_with_deadline(&config.data_dir.join("morrigan.db"), deadline)
+                    .await?,
+            ),
             None,
         )),
-        Some(url) if url.starts_with("sqlite:") => {
-            Ok((Arc::new(SqliteStore::connect(url).await?), None))
-        }
+        Some(url) if url.starts_with("sqlite:") => Ok((
+            Arc::new(SqliteStore::connect_with_deadline(url, deadline).await?),
+            None,
+        )),
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            let store = PgStore::connect(url).await?;
+            let store = PgStore::connect_with_deadline(url, deadline).await?;
             let pool = store.pool().clone();
             Ok((Arc::new(store), Some(pool)))
         }

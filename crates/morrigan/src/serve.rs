@@ -60,6 +60,9 @@ pub struct ServeArgs {
     /// (repeatable; comma-separated in the environment).
     #[arg(long, env = "MORRIGAN_TRUSTED_PROXY", value_delimiter = ',')]
     trusted_proxy: Vec<String>,
+    /// Seconds one store call may take before it fails (503) [default: 5].
+    #[arg(long, env = "MORRIGAN_STORE_TIMEOUT")]
+    store_timeout: Option<u64>,
 }
 
 /// The same keys in `morrigan.toml`.
@@ -80,6 +83,7 @@ struct FileConfig {
     nats_url: Option<String>,
     node_lease: Option<u64>,
     trusted_proxy: Option<Vec<String>>,
+    store_timeout: Option<u64>,
 }
 
 fn load_file(args: &ServeArgs) -> anyhow::Result<FileConfig> {
@@ -150,6 +154,13 @@ fn resolve(args: ServeArgs) -> anyhow::Result<Config> {
     if let Some(s) = args.node_lease.or(file.node_lease) {
         anyhow::ensure!(s >= 1, "--node-lease must be at least 1 second");
         c.node_lease = Duration::from_secs(s);
+    }
+    if let Some(s) = args.store_timeout.or(file.store_timeout) {
+        anyhow::ensure!(
+            (1..=60).contains(&s),
+            "--store-timeout must be 1 to 60 seconds"
+        );
+        c.store_timeout = Duration::from_secs(s);
     }
     let proxies = if args.trusted_proxy.is_empty() {
         file.trusted_proxy.unwrap_or_default()

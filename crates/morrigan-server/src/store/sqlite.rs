@@ -6,13 +6,12 @@
 
 use std::path::Path;
 use std::str::FromStr;
-use std::time::Duration;
 
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
-use super::Result;
 use super::sql::db;
+use super::{Deadline, Result};
 
 /// Migrations, in order. Applied once each, recorded in `morrigan_migrations`.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -41,31 +40,47 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and applies migrations.
     pub async fn open(path: &Path) -> Result<Self> {
+        Self::open_with_deadline(path, Deadline::DEFAULT).await
+    }
+
+    /// [`SqliteStore::open`] with the backend's timeouts taken from `deadline`.
+    pub async fn open_with_deadline(path: &Path, deadline: Deadline) -> Result<Self> {
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true);
-        Self::with_options(options, 4).await
+        Self::with_options(options, 4, deadline).await
     }
 
     /// Opens a `sqlite:` URL (e.g. `sqlite:///var/lib/morrigan/morrigan.db` or `sqlite::memory:`).
     pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with_deadline(url, Deadline::DEFAULT).await
+    }
+
+    /// [`SqliteStore::connect`] with the backend's timeouts taken from `deadline`.
+    pub async fn connect_with_deadline(url: &str, deadline: Deadline) -> Result<Self> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(db)?
             .create_if_missing(true);
         let in_memory = url.contains(":memory:");
-        Self::with_options(options, if in_memory { 1 } else { 4 }).await
+        Self::with_options(options, if in_memory { 1 } else { 4 }, deadline).await
     }
 
-    async fn with_options(options: SqliteConnectOptions, max: u32) -> Result<Self> {
+    async fn with_options(
+        options: SqliteConnectOptions,
+        max: u32,
+        deadline: Deadline,
+    ) -> Result<Self> {
         let options = options
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
+            // A statement waiting for the write lock gives up before its call's deadline, so a
+            // call reported as failed is not carried out later (see `Deadline`).
+            .busy_timeout(deadline.statement())
             .foreign_keys(false)
             // The batched statements have one text per batch size (up to 32 each): room for
             // them and everything else, so none is prepared twice.
             .statement_cache_capacity(512);
-        let pool = Self::pool_options(max)
+        let pool = Self::pool_options(max, deadline)
             .connect_with(options.clone())
             .await
             .map_err(db)?;
@@ -78,16 +93,16 @@ impl SqliteStore {
         let writer = if max == 1 {
             pool.clone()
         } else {
-            Self::pool_options(1)
+            Self::pool_options(1, deadline)
                 .connect_with(options)
                 .await
                 .map_err(db)?
         };
-        let hot = Self::hot_path(&writer);
+        let hot = Self::hot_path(&writer, deadline);
         Ok(Self { pool, writer, hot })
     }
 
-    fn pool_options(max: u32) -> SqlitePoolOptions {
+    fn pool_options(max: u32, deadline: Deadline) -> SqlitePoolOptions {
         SqlitePoolOptions::new()
             // An embedded database has no far end to lose: sqlx's default ping on every acquire
             // doubled the round trips to the SQLite worker thread of every statement.
@@ -96,6 +111,7 @@ impl SqliteStore {
             .min_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
+            .acquire_timeout(deadline.acquire())
     }
 }
 
