@@ -7,6 +7,7 @@
 //! * [`session`]: one task per WebSocket: reads, writes, heartbeat, record on close.
 //! * [`hub`]: the local connections of this node (sharded map of task handles).
 //! * [`heartbeat`]: coalesced persistence of pongs (no database write per pong).
+//! * [`records`]: closed records and heartbeats, retried until the store takes them.
 //! * [`providers`]: message routing by `type` prefix; the extension point.
 //! * [`hooks`]: authenticate / connect / disconnect callbacks for embedders.
 //! * [`tokens`]: EdDSA JWTs, keys in the store, verification by `kid`.
@@ -27,6 +28,7 @@ pub mod hub;
 pub mod metered_store;
 pub mod metrics;
 pub mod providers;
+pub mod records;
 pub mod routes;
 pub mod server;
 pub mod session;

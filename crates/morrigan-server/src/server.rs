@@ -215,6 +215,7 @@ impl ServerBuilder {
         let embedder_hooks = !self.hooks.is_empty();
         hooks.extend(self.hooks);
         let (heartbeats, heartbeat_rx) = crate::heartbeat::queue();
+        let records = crate::records::Records::start(store.clone());
         let state = AppState(Arc::new(Inner {
             config,
             node_id: Arc::from(node_id.as_str()),
@@ -227,6 +228,7 @@ impl ServerBuilder {
             hooks,
             embedder_hooks,
             heartbeats,
+            records,
             metrics,
             user_cache: Default::default(),
             owners: Default::default(),
@@ -292,7 +294,7 @@ impl Server {
             background,
         } = self;
         let flusher = tokio::spawn(crate::heartbeat::run_flusher(
-            state.store.clone(),
+            state.records.clone(),
             heartbeat_rx,
             background.clone(),
         ));
@@ -370,6 +372,7 @@ impl Server {
         drop(listener);
 
         tracing::info!(connections = state.hub.len(), "shutting down");
+        let stopping = tokio::time::Instant::now();
         state.shutdown.cancel();
         state
             .hub
@@ -404,6 +407,9 @@ impl Server {
         background.cancel();
         let _ = flusher.await;
         let _ = maintenance.await;
+        // Records the store did not take yet: retried until the shutdown bound (at least 1 s).
+        let until = (stopping + deadline).max(tokio::time::Instant::now() + Duration::from_secs(1));
+        state.records.drain(until).await;
         if let Err(e) = state
             .store
             .stop_node(&state.node_id, &time_format::now())
