@@ -3,12 +3,20 @@
 //! SQLite serialises writers, so the pool is small, and the hot path's batched writes (token
 //! exchange, accept, close, the heartbeat flush) go through one connection of their own, whose
 //! page cache then stays warm.
+//!
+//! Every connection is checked when it opens: SQLite silently opens a database it may not write
+//! (its files or directory made read-only) read-only, and such a connection would fail every
+//! write for as long as the pool keeps it, long after the permissions are back. Refused, it is
+//! opened again on the next use instead.
 
 use std::path::Path;
 use std::str::FromStr;
+use std::time::Duration;
 
-use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Connection, Executor, SqlitePool};
 
 use super::sql::db;
 use super::{Deadline, Result};
@@ -80,11 +88,25 @@ impl SqliteStore {
             // The batched statements have one text per batch size (up to 32 each): room for
             // them and everything else, so none is prepared twice.
             .statement_cache_capacity(512);
+        if max > 1 {
+            // Create the file, switch it to WAL and migrate it on one connection, before any
+            // other opens: sqlx opens a pool's first connections concurrently, each checked
+            // with a write (see `writable`), and a migration's transaction, which reads before
+            // it writes, fails at once with SQLITE_BUSY when another connection holds the
+            // write lock (SQLite consults no busy handler for that upgrade).
+            let mut first = SqliteConnection::connect_with(&options).await.map_err(db)?;
+            let migrated = async { super::sql::migrate!(&mut first, MIGRATIONS) }.await;
+            first.close().await.map_err(db)?;
+            migrated?;
+        }
         let pool = Self::pool_options(max, deadline)
             .connect_with(options.clone())
             .await
             .map_err(db)?;
-        super::sql::migrate!(&pool, MIGRATIONS)?;
+        if max == 1 {
+            // In memory: the database is this one connection's.
+            super::sql::migrate!(&pool, MIGRATIONS)?;
+        }
         // The hot path writes through a connection of its own. SQLite runs one writer at a
         // time anyway, and a connection drops its whole page cache whenever another one has
         // written since its last statement: with the batches spread over the pool, nearly every
@@ -103,6 +125,7 @@ impl SqliteStore {
     }
 
     fn pool_options(max: u32, deadline: Deadline) -> SqlitePoolOptions {
+        let busy = deadline.statement();
         SqlitePoolOptions::new()
             // An embedded database has no far end to lose: sqlx's default ping on every acquire
             // doubled the round trips to the SQLite worker thread of every statement.
@@ -112,7 +135,40 @@ impl SqliteStore {
             .idle_timeout(None)
             .max_lifetime(None)
             .acquire_timeout(deadline.acquire())
+            .after_connect(move |conn, _| Box::pin(writable(conn, busy)))
     }
+}
+
+/// Fails for a connection that cannot write, without waiting for the write lock (the busy
+/// timeout is zero meanwhile). `BEGIN IMMEDIATE` asks for the write lock on a writable database,
+/// so `SQLITE_BUSY` proves writability; on a database opened read-only it starts a read
+/// transaction instead, and rewriting `user_version` (rolled back) shows which it was.
+async fn writable(conn: &mut SqliteConnection, busy: Duration) -> sqlx::Result<()> {
+    conn.execute("PRAGMA busy_timeout = 0").await?;
+    match conn.execute("BEGIN IMMEDIATE").await {
+        Err(sqlx::Error::Database(e)) if is_busy(e.code().as_deref()) => {}
+        Err(e) => return Err(e),
+        Ok(_) => {
+            let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+                .fetch_one(&mut *conn)
+                .await?;
+            let rewrite = format!("PRAGMA user_version = {version}");
+            let wrote = conn.execute(sqlx::AssertSqlSafe(rewrite)).await;
+            conn.execute("ROLLBACK").await?;
+            wrote?;
+        }
+    }
+    let restore = format!("PRAGMA busy_timeout = {}", busy.as_millis());
+    conn.execute(sqlx::AssertSqlSafe(restore)).await?;
+    Ok(())
+}
+
+/// `SQLITE_BUSY` or `SQLITE_LOCKED`, with any extended code (sqlx reports the extended one).
+fn is_busy(code: Option<&str>) -> bool {
+    const SQLITE_BUSY: i32 = 5;
+    const SQLITE_LOCKED: i32 = 6;
+    let primary = code.and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff);
+    matches!(primary, Some(SQLITE_BUSY | SQLITE_LOCKED))
 }
 
 super::sql::sql_store!(SqliteStore, sqlx::Sqlite, sqlx::sqlite::SqliteRow, numbered: false);
