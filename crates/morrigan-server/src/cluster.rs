@@ -191,17 +191,13 @@ pub async fn close_anywhere(s: &AppState, record: &ConnectionRecord, code: u16, 
         }
     }
     let now = morrigan_protocol::time_format::now();
-    let _ = s
-        .store
-        .close_connection(
-            &record.id,
-            &crate::store::CloseInfo {
-                at: &now,
-                code,
-                reason,
-            },
-        )
-        .await;
+    let close = crate::store::CloseInfo {
+        at: &now,
+        code,
+        reason,
+    };
+    // Retried until the store takes it: no node holds a socket for this record any more.
+    s.records.close(&record.id, &close).await;
 }
 
 /// The client's address: the TCP peer, unless the peer is a trusted proxy, in which case the

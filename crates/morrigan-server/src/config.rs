@@ -70,6 +70,9 @@ pub struct Config {
     /// File descriptors kept for the store, files and outgoing connections: the sockets a node
     /// holds (HTTP and WebSocket) are capped at the process's file limit minus this.
     pub fd_reserve: usize,
+    /// The longest one store call may take before it fails (a REST request then answers 503);
+    /// the backends give up on its statement first (see [`crate::store::Deadline`]).
+    pub store_timeout: Duration,
 }
 
 impl Config {
@@ -99,6 +102,7 @@ impl Config {
             http_body_timeout: Duration::from_secs(30),
             max_http_connections: 1024,
             fd_reserve: 256,
+            store_timeout: crate::store::Deadline::DEFAULT.call(),
         }
     }
 

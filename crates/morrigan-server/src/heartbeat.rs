@@ -4,7 +4,8 @@
 //! 3,300 writes/s of pure bookkeeping). Instead a connection task marks its [`Liveness`] dirty
 //! and, on the clean→dirty edge only, queues its id here; the flusher writes everything queued
 //! in one transaction every [`FLUSH_PERIOD`]. A record's `lastHeartbeat` therefore lags the
-//! socket by at most one flush period.
+//! socket by at most one flush period while the store answers; a flush it does not take is
+//! retried by [`Records`] until it lands.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,7 +15,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::Liveness;
-use crate::store::{Heartbeat, Store};
+use crate::records::Records;
+use crate::store::Heartbeat;
 
 /// How often queued heartbeats are written.
 pub const FLUSH_PERIOD: Duration = Duration::from_secs(2);
@@ -61,7 +63,7 @@ fn drain(rx: &mut QueueReceiver) -> Vec<Heartbeat> {
 }
 
 /// Runs the flusher until `stop` is cancelled, then flushes once more.
-pub async fn run_flusher(store: Arc<dyn Store>, mut rx: QueueReceiver, stop: CancellationToken) {
+pub async fn run_flusher(records: Records, mut rx: QueueReceiver, stop: CancellationToken) {
     let mut tick = tokio::time::interval(FLUSH_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -69,13 +71,7 @@ pub async fn run_flusher(store: Arc<dyn Store>, mut rx: QueueReceiver, stop: Can
             _ = tick.tick() => {}
             _ = stop.cancelled() => break,
         }
-        let beats = drain(&mut rx);
-        if let Err(e) = store.record_heartbeats(&beats).await {
-            tracing::warn!(error = %e, count = beats.len(), "heartbeat flush failed");
-        }
+        records.heartbeats(drain(&mut rx)).await;
     }
-    let beats = drain(&mut rx);
-    if let Err(e) = store.record_heartbeats(&beats).await {
-        tracing::warn!(error = %e, "final heartbeat flush failed");
-    }
+    records.heartbeats(drain(&mut rx)).await;
 }

@@ -8,6 +8,7 @@
 //! * [`hub`]: the local connections of this node (sharded map of task handles).
 //! * [`listener`]: accepting sockets: the caps that refuse one early, serving HTTP/1.1.
 //! * [`heartbeat`]: coalesced persistence of pongs (no database write per pong).
+//! * [`records`]: closed records and heartbeats, retried until the store takes them.
 //! * [`providers`]: message routing by `type` prefix; the extension point.
 //! * [`hooks`]: authenticate / connect / disconnect callbacks for embedders.
 //! * [`tokens`]: EdDSA JWTs, keys in the store, verification by `kid`.
@@ -32,6 +33,7 @@ pub mod metered_store;
 pub mod metrics;
 pub mod passwords;
 pub mod providers;
+pub mod records;
 pub mod routes;
 pub mod server;
 pub mod session;

@@ -33,7 +33,8 @@ use crate::listener::{Graceful, Serving};
 use crate::providers::{Provider, Providers};
 use crate::state::{AppState, Inner};
 use crate::store::{
-    CloseInfo, IdentityRow, NodeRow, Store, StoreError, postgres::PgStore, sqlite::SqliteStore,
+    CloseInfo, Deadline, IdentityRow, NodeRow, Store, StoreError, postgres::PgStore,
+    sqlite::SqliteStore,
 };
 use crate::tokens::{KeyError, Tokens};
 
@@ -120,12 +121,14 @@ impl ServerBuilder {
         let config = self.config;
         create_data_dir(&config.data_dir)?;
         let node_id = load_node_id(&config.data_dir)?;
-        let (store, pg_pool) = open_store(&config).await?;
+        let deadline = Deadline(config.store_timeout);
+        let (store, pg_pool) = open_store(&config, deadline).await?;
         let metrics = crate::metrics::Metrics::new(&node_id);
         let admission = crate::listener::Admission::new(&config, metrics.clone())?;
         let store: Arc<dyn Store> = Arc::new(crate::metered_store::MeteredStore {
             inner: store,
             metrics: metrics.clone(),
+            deadline,
         });
         let tls = match &config.tls {
             Some(files) => Some(crate::tls::acceptor(&files.cert, &files.key)?),
@@ -232,6 +235,7 @@ impl ServerBuilder {
         let embedder_hooks = !self.hooks.is_empty();
         hooks.extend(self.hooks);
         let (heartbeats, heartbeat_rx) = crate::heartbeat::queue();
+        let records = crate::records::Records::start(store.clone());
         let state = AppState(Arc::new(Inner {
             config,
             node_id: Arc::from(node_id.as_str()),
@@ -244,6 +248,7 @@ impl ServerBuilder {
             hooks,
             embedder_hooks,
             heartbeats,
+            records,
             metrics,
             admission,
             user_cache: Default::default(),
@@ -317,7 +322,7 @@ impl Server {
             background,
         } = self;
         let flusher = tokio::spawn(crate::heartbeat::run_flusher(
-            state.store.clone(),
+            state.records.clone(),
             heartbeat_rx,
             background.clone(),
         ));
@@ -400,6 +405,8 @@ impl Server {
         background.cancel();
         let _ = tokio::time::timeout_at(hard_stop, flusher).await;
         let _ = tokio::time::timeout_at(hard_stop, maintenance).await;
+        // Records the store did not take yet: retried while the stop's bound allows.
+        state.records.drain(hard_stop).await;
         match tokio::time::timeout_at(
             hard_stop,
             state.store.stop_node(&state.node_id, &time_format::now()),
@@ -540,17 +547,24 @@ fn load_node_id(dir: &Path) -> Result<String, StartError> {
 }
 
 /// Opens the configured store; with PostgreSQL also returns its pool for the LISTEN/NOTIFY bus.
-async fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<sqlx::PgPool>), StartError> {
+async fn open_store(
+    config: &Config,
+    deadline: Deadline,
+) -> Result<(Arc<dyn Store>, Option<sqlx::PgPool>), StartError> {
     match config.database_url.as_deref() {
         None => Ok((
-            Arc::new(SqliteStore::open(&config.data_dir.join("morrigan.db")).await?),
+            Arc::new(
+                SqliteStore::open_with_deadline(&config.data_dir.join("morrigan.db"), deadline)
+                    .await?,
+            ),
             None,
         )),
-        Some(url) if url.starts_with("sqlite:") => {
-            Ok((Arc::new(SqliteStore::connect(url).await?), None))
-        }
+        Some(url) if url.starts_with("sqlite:") => Ok((
+            Arc::new(SqliteStore::connect_with_deadline(url, deadline).await?),
+            None,
+        )),
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            let store = PgStore::connect(url).await?;
+            let store = PgStore::connect_with_deadline(url, deadline).await?;
             let pool = store.pool().clone();
             Ok((Arc::new(store), Some(pool)))
         }

@@ -37,6 +37,8 @@ pub struct Inner {
     /// connection): only then does an upgrade read the pending record for `authenticate`.
     pub embedder_hooks: bool,
     pub heartbeats: HeartbeatQueue,
+    /// Writes closed records and heartbeats, retrying those the store did not take.
+    pub records: crate::records::Records,
     /// Recently verified user tokens (see [`crate::auth::UserCache`]).
     pub user_cache: crate::auth::UserCache,
     /// Every argon2 computation runs here, a few at a time (see [`crate::passwords`]).

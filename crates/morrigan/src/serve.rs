@@ -79,6 +79,9 @@ pub struct ServeArgs {
     /// at the file limit minus this [default: 256].
     #[arg(long, env = "MORRIGAN_FD_RESERVE")]
     fd_reserve: Option<usize>,
+    /// Seconds one store call may take before it fails (503) [default: 5].
+    #[arg(long, env = "MORRIGAN_STORE_TIMEOUT")]
+    store_timeout: Option<u64>,
 }
 
 /// The same keys in `morrigan.toml`.
@@ -104,6 +107,7 @@ struct FileConfig {
     http_body_timeout: Option<u64>,
     max_http_connections: Option<usize>,
     fd_reserve: Option<usize>,
+    store_timeout: Option<u64>,
 }
 
 fn load_file(args: &ServeArgs) -> anyhow::Result<FileConfig> {
@@ -197,6 +201,13 @@ fn resolve(args: ServeArgs) -> anyhow::Result<Config> {
     if let Some(n) = args.fd_reserve.or(file.fd_reserve) {
         anyhow::ensure!(n >= 32, "--fd-reserve must be at least 32");
         c.fd_reserve = n;
+    }
+    if let Some(s) = args.store_timeout.or(file.store_timeout) {
+        anyhow::ensure!(
+            (1..=60).contains(&s),
+            "--store-timeout must be 1 to 60 seconds"
+        );
+        c.store_timeout = Duration::from_secs(s);
     }
     let proxies = if args.trusted_proxy.is_empty() {
         file.trusted_proxy.unwrap_or_default()

@@ -566,17 +566,13 @@ async fn connect(
             tracing::info!(error = %e, connection = %failed_id, "upgrade failed after accept");
             tokio::spawn(async move {
                 let now = time_format::now();
-                let _ = failed_state
-                    .store
-                    .close_connection(
-                        &failed_id,
-                        &CloseInfo {
-                            at: &now,
-                            code: close::ABNORMAL,
-                            reason: "upgrade failed",
-                        },
-                    )
-                    .await;
+                let close = CloseInfo {
+                    at: &now,
+                    code: close::ABNORMAL,
+                    reason: "upgrade failed",
+                };
+                // Accepted, never served: retried until the store takes it.
+                failed_state.records.close(&failed_id, &close).await;
             });
         },
     )

@@ -172,9 +172,8 @@ where
         code: end.code,
         reason: &end.reason,
     };
-    if let Err(e) = state.store.close_connection(&id, &info).await {
-        tracing::error!(error = %e, "could not write the closed record");
-    }
+    // Written now, or queued and retried until the store takes it (see records.rs).
+    state.records.close(&id, &info).await;
     tracing::info!(code = end.code, reason = %end.reason, "disconnected");
     control.finish();
     let event = Disconnect {

@@ -9,47 +9,72 @@
 //! with one caller it costs one task hop more than a direct call.
 //!
 //! Each caller still waits for its own result: nothing is acknowledged before it is written.
+//! And nothing is written after its caller gave up: a request whose caller is gone (its call
+//! timed out) is dropped before its batch runs, and one with too little of its deadline left
+//! to finish ([`Deadline::started_bound`]) is answered [`StoreError::Timeout`] unrun.
 
 use std::future::Future;
 use std::pin::Pin;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
-use super::{Result, StoreError};
+use super::{Deadline, Result, StoreError};
 
 /// Requests waiting for the running batch; callers beyond this wait to enqueue.
 const QUEUE: usize = 1024;
 
 type Reply<T> = oneshot::Sender<Result<T>>;
+/// A request, the instant its caller's store deadline passes, and where its answer goes.
+type Queued<Req, Resp> = (Req, Instant, Reply<Resp>);
 type BatchFuture<T> = Pin<Box<dyn Future<Output = Result<Vec<T>>> + Send>>;
 
 /// Runs requests of type `Req` in batches of at most `max` through one function that answers
 /// each request of a batch, in order.
 pub(crate) struct Batcher<Req, Resp> {
-    tx: mpsc::Sender<(Req, Reply<Resp>)>,
+    tx: mpsc::Sender<Queued<Req, Resp>>,
+    deadline: Deadline,
 }
 
 impl<Req, Resp> Clone for Batcher<Req, Resp> {
     fn clone(&self) -> Self {
         Self {
             tx: self.tx.clone(),
+            deadline: self.deadline,
         }
     }
 }
 
 impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     /// Spawns the batch task. It ends when the last `Batcher` clone is dropped. `run` must
-    /// return exactly one answer per request, in request order.
-    pub(crate) fn spawn<F>(max: usize, run: F) -> Self
+    /// return exactly one answer per request, in request order, and give up within
+    /// `deadline.started_bound()` (the backend's acquire and statement timeouts).
+    pub(crate) fn spawn<F>(max: usize, deadline: Deadline, run: F) -> Self
     where
         F: Fn(Vec<Req>) -> BatchFuture<Resp> + Send + 'static,
     {
-        let (tx, mut rx) = mpsc::channel::<(Req, Reply<Resp>)>(QUEUE);
+        let (tx, mut rx) = mpsc::channel::<Queued<Req, Resp>>(QUEUE);
         tokio::spawn(async move {
             let mut queued = Vec::with_capacity(max);
             while rx.recv_many(&mut queued, max).await > 0 {
-                let (requests, replies): (Vec<Req>, Vec<Reply<Resp>>) = queued.drain(..).unzip();
+                let latest_start = Instant::now() + deadline.started_bound();
+                let mut requests = Vec::with_capacity(queued.len());
+                let mut replies = Vec::with_capacity(queued.len());
+                for (request, until, reply) in queued.drain(..) {
+                    if reply.is_closed() {
+                        continue;
+                    }
+                    if until < latest_start {
+                        let _ = reply.send(Err(StoreError::Timeout(deadline.call())));
+                        continue;
+                    }
+                    requests.push(request);
+                    replies.push(reply);
+                }
                 let count = requests.len();
+                if count == 0 {
+                    continue;
+                }
                 match run(requests).await {
                     Ok(answers) if answers.len() == count => {
                         for (reply, answer) in replies.into_iter().zip(answers) {
@@ -70,14 +95,17 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
                 }
             }
         });
-        Self { tx }
+        Self { tx, deadline }
     }
 
-    /// Queues `request` and waits for its answer.
+    /// Queues `request` and waits for its answer. The request counts as given up once the store
+    /// deadline has passed since this call (the caller's own deadline, which `MeteredStore`
+    /// enforces, started a moment earlier).
     pub(crate) async fn call(&self, request: Req) -> Result<Resp> {
         let (reply, answer) = oneshot::channel();
+        let until = Instant::now() + self.deadline.call();
         self.tx
-            .send((request, reply))
+            .send((request, until, reply))
             .await
             .map_err(|_| StoreError::Database("the store's batch writer has stopped".into()))?;
         answer
@@ -129,7 +157,7 @@ mod tests {
     async fn concurrent_callers_share_batches_and_get_their_own_answers() {
         let sizes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = sizes.clone();
-        let batcher = Batcher::spawn(8, move |reqs: Vec<u32>| {
+        let batcher = Batcher::spawn(8, Deadline::DEFAULT, move |reqs: Vec<u32>| {
             seen.lock().map(|mut s| s.push(reqs.len())).ok();
             Box::pin(async move {
                 tokio::task::yield_now().await;
@@ -150,8 +178,68 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_whose_caller_gave_up_is_never_run() {
+        let ran = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = ran.clone();
+        let (release, released) = tokio::sync::watch::channel(false);
+        let batcher = Batcher::spawn(1, Deadline::DEFAULT, move |reqs: Vec<u32>| {
+            seen.lock().map(|mut r| r.extend(reqs.iter().copied())).ok();
+            let mut released = released.clone();
+            Box::pin(async move {
+                let _ = released.wait_for(|r| *r).await;
+                Ok(reqs)
+            })
+        });
+        // The first request holds the batch task; the second gives up while it waits.
+        let first = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.call(1).await }
+        });
+        while ran.lock().map(|r| r.is_empty()).unwrap_or(false) {
+            tokio::task::yield_now().await;
+        }
+        let gave_up =
+            tokio::time::timeout(std::time::Duration::from_millis(20), batcher.call(2)).await;
+        assert!(gave_up.is_err());
+        let _ = release.send(true);
+        assert_eq!(first.await.ok().and_then(|r| r.ok()), Some(1));
+        assert_eq!(batcher.call(3).await.ok(), Some(3));
+        assert_eq!(
+            ran.lock().map(|r| r.clone()).unwrap_or_default(),
+            vec![1, 3]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_left_with_too_little_time_is_answered_timeout_unrun() {
+        let ran = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = ran.clone();
+        let deadline = Deadline(std::time::Duration::from_millis(400));
+        let batcher = Batcher::spawn(1, deadline, move |reqs: Vec<u32>| {
+            seen.lock().map(|mut r| r.extend(reqs.iter().copied())).ok();
+            Box::pin(async move {
+                // Longer than a quarter of the deadline: the request queued behind this one
+                // has less than `started_bound` left when its turn comes.
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                Ok(reqs)
+            })
+        });
+        let first = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.call(1).await }
+        });
+        while ran.lock().map(|r| r.is_empty()).unwrap_or(false) {
+            tokio::task::yield_now().await;
+        }
+        let second = batcher.call(2).await;
+        assert!(matches!(second, Err(StoreError::Timeout(_))), "{second:?}");
+        assert_eq!(first.await.ok().and_then(|r| r.ok()), Some(1));
+        assert_eq!(ran.lock().map(|r| r.clone()).unwrap_or_default(), vec![1]);
+    }
+
+    #[tokio::test]
     async fn a_failed_batch_fails_every_caller_in_it() {
-        let batcher = Batcher::spawn(4, |_reqs: Vec<u32>| {
+        let batcher = Batcher::spawn(4, Deadline::DEFAULT, |_reqs: Vec<u32>| {
             Box::pin(async { Err::<Vec<u32>, _>(StoreError::Database("boom".into())) })
         });
         let err = batcher.call(1).await.err().map(|e| e.to_string());

@@ -28,9 +28,51 @@ pub enum StoreError {
     /// Stored data could not be decoded.
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// The call did not answer within the store deadline (see [`Deadline`]).
+    #[error("the store did not answer within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// How long one store call may take (`Config::store_timeout`), and how the backends divide it.
+///
+/// Every call is abandoned at the deadline (by `MeteredStore`). A timed-out call must not be
+/// carried out later, so the backend gives up first: a pooled connection is waited for at most
+/// [`Deadline::acquire`], and one statement runs at most [`Deadline::statement`] (SQLite's
+/// busy timeout, PostgreSQL's `statement_timeout`). A statement that starts within the first
+/// quarter of the call therefore ends, done or refused, before the caller is told it failed;
+/// the group-commit batches ([`batch`]) start no request with less than
+/// [`Deadline::started_bound`] left. What remains is a statement that stalls on I/O after it
+/// started (a hung disk, a lost reply from PostgreSQL): see ARCHITECTURE.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline(pub std::time::Duration);
+
+impl Deadline {
+    /// The default store deadline: under every REST client's and the cluster bus's timeouts.
+    pub const DEFAULT: Deadline = Deadline(std::time::Duration::from_secs(5));
+
+    /// The whole call.
+    pub fn call(self) -> std::time::Duration {
+        self.0
+    }
+
+    /// The longest wait for a pooled connection (a quarter of the call).
+    pub fn acquire(self) -> std::time::Duration {
+        self.0 / 4
+    }
+
+    /// The longest the backend works on one statement (half of the call).
+    pub fn statement(self) -> std::time::Duration {
+        self.0 / 2
+    }
+
+    /// The longest a statement takes once its call asked for a connection: a request is only
+    /// started with at least this much of its deadline left.
+    pub fn started_bound(self) -> std::time::Duration {
+        self.acquire() + self.statement()
+    }
+}
 
 /// What shows that a presented token is the one a node issued, for the statements that
 /// consume it ([`Store::issue_connection`], [`Store::accept_connection`]).

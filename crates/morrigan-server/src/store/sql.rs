@@ -214,14 +214,14 @@ macro_rules! sql_store {
         }
 
         impl $store {
-            /// Starts the batch writers of the hot path on `pool`.
-            pub(crate) fn hot_path(pool: &sqlx::Pool<$db>) -> HotPath {
+            /// Starts the batch writers of the hot path on `pool` (its timeouts: `deadline`'s).
+            pub(crate) fn hot_path(pool: &sqlx::Pool<$db>, deadline: $crate::store::Deadline) -> HotPath {
                 let p = pool.clone();
-                let issue = Batcher::spawn(BATCH_ROWS, move |reqs| Box::pin(issue_batch(p.clone(), reqs)));
+                let issue = Batcher::spawn(BATCH_ROWS, deadline, move |reqs| Box::pin(issue_batch(p.clone(), reqs)));
                 let p = pool.clone();
-                let accept = Batcher::spawn(BATCH_ROWS, move |reqs| Box::pin(accept_batch(p.clone(), reqs)));
+                let accept = Batcher::spawn(BATCH_ROWS, deadline, move |reqs| Box::pin(accept_batch(p.clone(), reqs)));
                 let p = pool.clone();
-                let close = Batcher::spawn(BATCH_ROWS, move |reqs| Box::pin(close_batch(p.clone(), reqs)));
+                let close = Batcher::spawn(BATCH_ROWS, deadline, move |reqs| Box::pin(close_batch(p.clone(), reqs)));
                 HotPath { issue, accept, close }
             }
         }

@@ -3,16 +3,23 @@
 //! SQLite serialises writers, so the pool is small, and the hot path's batched writes (token
 //! exchange, accept, close, the heartbeat flush) go through one connection of their own, whose
 //! page cache then stays warm.
+//!
+//! Every connection is checked when it opens: SQLite silently opens a database it may not write
+//! (its files or directory made read-only) read-only, and such a connection would fail every
+//! write for as long as the pool keeps it, long after the permissions are back. Refused, it is
+//! opened again on the next use instead.
 
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Connection, Executor, SqlitePool};
 
-use super::Result;
 use super::sql::db;
+use super::{Deadline, Result};
 
 /// Migrations, in order. Applied once each, recorded in `morrigan_migrations`.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -41,35 +48,65 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and applies migrations.
     pub async fn open(path: &Path) -> Result<Self> {
+        Self::open_with_deadline(path, Deadline::DEFAULT).await
+    }
+
+    /// [`SqliteStore::open`] with the backend's timeouts taken from `deadline`.
+    pub async fn open_with_deadline(path: &Path, deadline: Deadline) -> Result<Self> {
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true);
-        Self::with_options(options, 4).await
+        Self::with_options(options, 4, deadline).await
     }
 
     /// Opens a `sqlite:` URL (e.g. `sqlite:///var/lib/morrigan/morrigan.db` or `sqlite::memory:`).
     pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with_deadline(url, Deadline::DEFAULT).await
+    }
+
+    /// [`SqliteStore::connect`] with the backend's timeouts taken from `deadline`.
+    pub async fn connect_with_deadline(url: &str, deadline: Deadline) -> Result<Self> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(db)?
             .create_if_missing(true);
         let in_memory = url.contains(":memory:");
-        Self::with_options(options, if in_memory { 1 } else { 4 }).await
+        Self::with_options(options, if in_memory { 1 } else { 4 }, deadline).await
     }
 
-    async fn with_options(options: SqliteConnectOptions, max: u32) -> Result<Self> {
+    async fn with_options(
+        options: SqliteConnectOptions,
+        max: u32,
+        deadline: Deadline,
+    ) -> Result<Self> {
         let options = options
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
+            // A statement waiting for the write lock gives up before its call's deadline, so a
+            // call reported as failed is not carried out later (see `Deadline`).
+            .busy_timeout(deadline.statement())
             .foreign_keys(false)
             // The batched statements have one text per batch size (up to 32 each): room for
             // them and everything else, so none is prepared twice.
             .statement_cache_capacity(512);
-        let pool = Self::pool_options(max)
+        if max > 1 {
+            // Create the file, switch it to WAL and migrate it on one connection, before any
+            // other opens: sqlx opens a pool's first connections concurrently, each checked
+            // with a write (see `writable`), and a migration's transaction, which reads before
+            // it writes, fails at once with SQLITE_BUSY when another connection holds the
+            // write lock (SQLite consults no busy handler for that upgrade).
+            let mut first = SqliteConnection::connect_with(&options).await.map_err(db)?;
+            let migrated = async { super::sql::migrate!(&mut first, MIGRATIONS) }.await;
+            first.close().await.map_err(db)?;
+            migrated?;
+        }
+        let pool = Self::pool_options(max, deadline)
             .connect_with(options.clone())
             .await
             .map_err(db)?;
-        super::sql::migrate!(&pool, MIGRATIONS)?;
+        if max == 1 {
+            // In memory: the database is this one connection's.
+            super::sql::migrate!(&pool, MIGRATIONS)?;
+        }
         // The hot path writes through a connection of its own. SQLite runs one writer at a
         // time anyway, and a connection drops its whole page cache whenever another one has
         // written since its last statement: with the batches spread over the pool, nearly every
@@ -78,16 +115,17 @@ impl SqliteStore {
         let writer = if max == 1 {
             pool.clone()
         } else {
-            Self::pool_options(1)
+            Self::pool_options(1, deadline)
                 .connect_with(options)
                 .await
                 .map_err(db)?
         };
-        let hot = Self::hot_path(&writer);
+        let hot = Self::hot_path(&writer, deadline);
         Ok(Self { pool, writer, hot })
     }
 
-    fn pool_options(max: u32) -> SqlitePoolOptions {
+    fn pool_options(max: u32, deadline: Deadline) -> SqlitePoolOptions {
+        let busy = deadline.statement();
         SqlitePoolOptions::new()
             // An embedded database has no far end to lose: sqlx's default ping on every acquire
             // doubled the round trips to the SQLite worker thread of every statement.
@@ -96,6 +134,8 @@ impl SqliteStore {
             .min_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
+            .acquire_timeout(deadline.acquire())
+            .after_connect(move |conn, _| Box::pin(writable(conn, busy)))
     }
 }
 
@@ -108,4 +148,37 @@ impl SqliteStore {
 }
 
 super::identities::guarded_identities!(SqliteStore, sqlx::Sqlite);
+
+/// Fails for a connection that cannot write, without waiting for the write lock (the busy
+/// timeout is zero meanwhile). `BEGIN IMMEDIATE` asks for the write lock on a writable database,
+/// so `SQLITE_BUSY` proves writability; on a database opened read-only it starts a read
+/// transaction instead, and rewriting `user_version` (rolled back) shows which it was.
+async fn writable(conn: &mut SqliteConnection, busy: Duration) -> sqlx::Result<()> {
+    conn.execute("PRAGMA busy_timeout = 0").await?;
+    match conn.execute("BEGIN IMMEDIATE").await {
+        Err(sqlx::Error::Database(e)) if is_busy(e.code().as_deref()) => {}
+        Err(e) => return Err(e),
+        Ok(_) => {
+            let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+                .fetch_one(&mut *conn)
+                .await?;
+            let rewrite = format!("PRAGMA user_version = {version}");
+            let wrote = conn.execute(sqlx::AssertSqlSafe(rewrite)).await;
+            conn.execute("ROLLBACK").await?;
+            wrote?;
+        }
+    }
+    let restore = format!("PRAGMA busy_timeout = {}", busy.as_millis());
+    conn.execute(sqlx::AssertSqlSafe(restore)).await?;
+    Ok(())
+}
+
+/// `SQLITE_BUSY` or `SQLITE_LOCKED`, with any extended code (sqlx reports the extended one).
+fn is_busy(code: Option<&str>) -> bool {
+    const SQLITE_BUSY: i32 = 5;
+    const SQLITE_LOCKED: i32 = 6;
+    let primary = code.and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff);
+    matches!(primary, Some(SQLITE_BUSY | SQLITE_LOCKED))
+}
+
 super::sql::sql_store!(SqliteStore, sqlx::Sqlite, sqlx::sqlite::SqliteRow, numbered: false);
