@@ -98,6 +98,28 @@ impl<'a> Inbox<'a> {
     }
 }
 
+impl<'a> Inbox<'a> {
+    /// Runs the handlers of every message still waiting (answers are dropped: the connection
+    /// is ending), until `until` at the latest.
+    pub(super) async fn drain(&mut self, ctx: &'a MessageContext, until: tokio::time::Instant) {
+        let _ = tokio::time::timeout_at(until, async {
+            let mut discarded = Vec::new();
+            loop {
+                if let Some(running) = self.running.as_mut() {
+                    running.await;
+                    self.running = None;
+                }
+                self.advance(ctx, &mut discarded);
+                discarded.clear();
+                if self.running.is_none() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+}
+
 pub(super) fn error_frame(
     kind: &str,
     reason: impl Into<String>,

@@ -42,6 +42,8 @@ use wire::{AppendError, Io, Wire};
 /// Frames queued per connection before senders wait (small: a frame is taken as soon as the
 /// previous one reached the socket).
 pub const COMMAND_QUEUE: usize = 8;
+/// How long a connection that is ending still handles the messages its device sent before.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn now_ms() -> i64 {
     i64::try_from(
@@ -262,7 +264,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let write_timer = tokio::time::sleep_until(tokio::time::Instant::now());
     tokio::pin!(write_timer);
     let mut armed = None;
-    loop {
+    let end = loop {
         if let Some(deadline) = wire.deadline()
             && armed != Some(deadline)
         {
@@ -279,7 +281,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     reason: String::new(),
                 });
                 wire.close(req.code, &req.reason, CLOSE_WAIT).await;
-                return End::new(req.code, req.reason);
+                break End::new(req.code, req.reason);
             }
             _ = &mut write_timer, if flushing => {
                 let reason = format!(
@@ -288,14 +290,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 );
                 tracing::info!("{reason}; dropping the socket");
                 wire.fail_pending(SendError::WriteTimeout);
-                return End::new(close::WRITE_TIMEOUT, reason);
+                break End::new(close::WRITE_TIMEOUT, reason);
             }
             io = futures_util::future::poll_fn(|cx| wire.poll_io(reading, cx)) => match io {
                 Io::Flushed(Ok(())) => wire.flushed(),
-                Io::Flushed(Err(e)) => return End::lost(format!("write failed: {e}")),
-                Io::Frame(None) => return End::lost("connection lost"),
+                Io::Flushed(Err(e)) => break End::lost(format!("write failed: {e}")),
+                Io::Frame(None) => break End::lost("connection lost"),
                 Io::Frame(Some(Err(e))) => {
-                    return read_error(wire, e, state.config.max_message_size).await;
+                    break read_error(wire, e, state.config.max_message_size).await;
                 }
                 Io::Frame(Some(Ok(msg))) => match msg {
                     Message::Text(text) => {
@@ -329,7 +331,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             .map(|f| (u16::from(f.code), f.reason.to_string()))
                             .unwrap_or((1005, String::new()));
                         let reason = if reason.is_empty() { "closed by client".to_string() } else { reason };
-                        return End::new(code, reason);
+                        break End::new(code, reason);
                     }
                     Message::Ping(_) | Message::Frame(_) => {}
                 },
@@ -346,12 +348,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             frame = rx.recv(), if !flushing => {
                 // The hub's handle keeps a sender alive until this task removes it.
                 let Some(frame) = frame else {
-                    return End::new(close::INTERNAL_ERROR, "command channel closed");
+                    break End::new(close::INTERNAL_ERROR, "command channel closed");
                 };
                 let Outgoing { text, ticket } = *frame;
                 // A frame whose sender gave up is never written.
                 if ticket.take() && let Err(e) = wire.append_frame(text, ticket) {
-                    return append_failed(e, write_timeout);
+                    break append_failed(e, write_timeout);
                 }
             }
             _ = ping.tick() => {
@@ -359,7 +361,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 if silent > 2 * period_ms {
                     tracing::info!(silent_ms = silent, "heartbeat missed twice; closing");
                     wire.close(close::HEARTBEAT_TIMEOUT, "heartbeat missed twice", CLOSE_WAIT).await;
-                    return End::new(close::HEARTBEAT_TIMEOUT, "heartbeat missed twice");
+                    break End::new(close::HEARTBEAT_TIMEOUT, "heartbeat missed twice");
                 }
                 if silent > period_ms + period_ms / 4 && liveness.alive.swap(false, Ordering::AcqRel) {
                     tracing::info!(silent_ms = silent, "heartbeat missed");
@@ -371,17 +373,28 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 match wire.append(Message::Ping(Default::default())) {
                     // Behind unread data: the write deadline decides.
                     Ok(()) | Err(AppendError::Full) => {}
-                    Err(AppendError::Failed) => return End::lost("write failed"),
+                    Err(AppendError::Failed) => break End::lost("write failed"),
                 }
             },
         }
         inbox.advance(ctx, &mut due);
+        let mut failed = None;
         for text in due.drain(..) {
             if let Err(e) = wire.append(Message::Text(text.into())) {
-                return append_failed(e, write_timeout);
+                failed = Some(append_failed(e, write_timeout));
+                break;
             }
         }
-    }
+        if let Some(end) = failed {
+            break end;
+        }
+    };
+    // Messages the device sent before the end are still handled (a device that reports its
+    // state and closes must see it stored), within a bound; their answers cannot be sent.
+    inbox
+        .drain(ctx, tokio::time::Instant::now() + DRAIN_WAIT)
+        .await;
+    end
 }
 
 fn append_failed(e: AppendError, write_timeout: std::time::Duration) -> End {
