@@ -21,6 +21,8 @@ pub const REMOTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// reached this node to (the bus never sees the hub).
 pub struct HubCommands {
     pub hub: Arc<Hub>,
+    /// A fenced node carries out nothing (see [`crate::lease`]).
+    pub lease: Arc<crate::lease::Lease>,
     /// How long a connection may take, after taking a frame, to report its outcome.
     pub write_bound: Duration,
 }
@@ -28,6 +30,9 @@ pub struct HubCommands {
 #[async_trait::async_trait]
 impl CommandHandler for HubCommands {
     async fn handle(&self, command: BusCommand, take_by: tokio::time::Instant) -> BusReply {
+        if !self.lease.held() {
+            return BusReply::Unavailable;
+        }
         match command {
             BusCommand::Send {
                 connection_id,
@@ -79,6 +84,12 @@ pub async fn route(s: &AppState, id: &str, command: BusCommand) -> Result<(), Ap
             Arc::from(owner)
         }
     };
+    if !s.peers.reachable(&owner) {
+        return Err(ApiError::unavailable(format!(
+            "Node '{owner}', which holds the connection, is not reachable (lease lapsed or no \
+             answer recently); nothing was delivered."
+        )));
+    }
     match s.bus.request(&owner, command, REMOTE_TIMEOUT).await {
         Ok(BusReply::Ok) => {
             if s.owners.len() >= MAX_OWNERS {
@@ -98,6 +109,9 @@ pub async fn route(s: &AppState, id: &str, command: BusCommand) -> Result<(), Ap
         Ok(reply) => answer(reply),
         Err(e) => {
             s.owners.remove(id);
+            if matches!(e, BusError::NoRoute(_)) {
+                s.peers.silent(&owner);
+            }
             Err(bus_error(e))
         }
     }
@@ -141,6 +155,65 @@ fn bus_error(e: BusError) -> ApiError {
     }
 }
 
+/// How long a node that did not acknowledge a command is treated as unreachable without
+/// asking it again.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(5);
+
+/// What this node knows of the other nodes, so that a dead or frozen one costs a caller nothing:
+/// the leases read from the store (refreshed with this node's own lease), and the nodes that
+/// recently did not acknowledge a command.
+#[derive(Default)]
+pub struct Peers {
+    /// Node id → (state, lease expiry), as of the last refresh.
+    leases: std::sync::RwLock<std::collections::HashMap<String, (String, String)>>,
+    unreachable: dashmap::DashMap<String, tokio::time::Instant>,
+}
+
+impl Peers {
+    /// Replaces the lease table with `nodes` (read from the store).
+    pub fn refresh(&self, nodes: &[crate::store::NodeRow]) {
+        let table = nodes
+            .iter()
+            .map(|n| (n.id.clone(), (n.state.clone(), n.lease_expires.clone())))
+            .collect();
+        if let Ok(mut leases) = self.leases.write() {
+            *leases = table;
+        }
+        let now = tokio::time::Instant::now();
+        self.unreachable.retain(|_, until| *until > now);
+    }
+
+    /// Whether `node` may be asked: not known to be stopped, lost or past its lease, and not
+    /// recently silent. A node not yet in the table is asked.
+    pub fn reachable(&self, node: &str) -> bool {
+        if self
+            .unreachable
+            .get(node)
+            .is_some_and(|until| *until > tokio::time::Instant::now())
+        {
+            return false;
+        }
+        let now = morrigan_protocol::time_format::now();
+        match self.leases.read() {
+            Ok(leases) => match leases.get(node) {
+                Some((state, expires)) => state == "running" && *expires > now,
+                None => true,
+            },
+            Err(_) => true,
+        }
+    }
+
+    /// `node` did not acknowledge a command.
+    fn silent(&self, node: &str) {
+        if self.unreachable.len() < MAX_OWNERS {
+            self.unreachable.insert(
+                node.to_string(),
+                tokio::time::Instant::now() + UNREACHABLE_FOR,
+            );
+        }
+    }
+}
+
 /// Most remembered owners (bounded: a peer chooses the ids it sends to).
 const MAX_OWNERS: usize = 100_000;
 
@@ -149,25 +222,16 @@ fn answer(reply: BusReply) -> Result<(), ApiError> {
         BusReply::Ok => Ok(()),
         BusReply::NotHere | BusReply::Closed => Err(ApiError::conflict("Connection closed.")),
         BusReply::Timeout | BusReply::Received => Err(SendError::NotTaken.into()),
+        BusReply::Unavailable => Err(ApiError::unavailable(
+            "The node holding the connection cannot confirm its cluster lease; nothing was delivered.",
+        )),
         BusReply::WriteTimeout => Err(SendError::WriteTimeout.into()),
     }
 }
 
-/// How long supersede and deprovisioning wait for the owning node before closing the record
-/// themselves (a device reconnecting after its node died must not wait for the dead node).
+/// How long supersede and deprovisioning give the owning node to take a close (an owner that
+/// does not acknowledge it within the bus's receipt wait is treated as gone).
 const CLOSE_ANYWHERE_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Whether `node_id` is running with an unexpired lease. A dead node is not asked anything:
-/// its socket is gone and waiting for its answer would only delay the caller.
-async fn node_alive(s: &AppState, node_id: &str) -> bool {
-    let now = morrigan_protocol::time_format::now();
-    match s.store.nodes().await {
-        Ok(nodes) => nodes
-            .iter()
-            .any(|n| n.id == node_id && n.state == "running" && n.lease_expires > now),
-        Err(_) => true,
-    }
-}
 
 /// Asks whichever node holds `record` to close it; closes the record directly when no node can
 /// (pending record, owner gone). Best effort, never waiting on a connection: used by supersede
@@ -179,15 +243,17 @@ pub async fn close_anywhere(s: &AppState, record: &ConnectionRecord, code: u16, 
     if let Some(owner) = record.server_id.as_deref()
         && owner != &*s.node_id
         && record.connected.is_some()
-        && node_alive(s, owner).await
+        && s.peers.reachable(owner)
     {
         let command = BusCommand::Close {
             connection_id: record.id.clone(),
             code,
             reason: reason.to_string(),
         };
-        if let Ok(BusReply::Ok) = s.bus.request(owner, command, CLOSE_ANYWHERE_TIMEOUT).await {
-            return;
+        match s.bus.request(owner, command, CLOSE_ANYWHERE_TIMEOUT).await {
+            Ok(BusReply::Ok) => return,
+            Err(BusError::NoRoute(_)) => s.peers.silent(owner),
+            _ => {}
         }
     }
     let now = morrigan_protocol::time_format::now();

@@ -115,6 +115,22 @@ impl Control {
         self.kill.notify_one();
     }
 
+    /// Ends the task at once with `code` and `reason` recorded and no close frame sent: the
+    /// node was declared lost and its records already say so.
+    pub fn abandon(&self, code: u16, reason: &str) {
+        {
+            let mut s = self.lock();
+            if s.close.is_none() {
+                s.close = Some(CloseRequest {
+                    code,
+                    reason: reason.to_string(),
+                });
+            }
+            s.kill = true;
+        }
+        self.kill.notify_one();
+    }
+
     /// The pending close request, if any (task side).
     pub fn close_requested(&self) -> Option<CloseRequest> {
         self.lock().close.clone()
@@ -156,12 +172,54 @@ impl Control {
 /// A handle to one live connection's task.
 #[derive(Clone)]
 pub struct ConnHandle {
-    pub client_id: Arc<str>,
     /// Frames are boxed: the channel allocates its first block of 32 slots up front, so a
     /// pointer-sized slot keeps that block small.
     pub tx: mpsc::Sender<Box<Outgoing>>,
     pub liveness: Arc<Liveness>,
     pub control: Arc<Control>,
+}
+
+/// A connection registered in the hub whose session has not started. Dropped unused (the
+/// accept failed, the upgrade never happened), it leaves the hub and releases any closer.
+pub struct Reservation {
+    hub: Arc<Hub>,
+    id: Arc<str>,
+    handle: Option<ConnHandle>,
+    rx: Option<mpsc::Receiver<Box<Outgoing>>>,
+}
+
+/// What a session takes over from its reservation.
+pub struct Registered {
+    pub id: Arc<str>,
+    pub handle: ConnHandle,
+    pub rx: mpsc::Receiver<Box<Outgoing>>,
+}
+
+impl Reservation {
+    /// The close requested while the connection was reserved, if any.
+    pub fn close_requested(&self) -> Option<CloseRequest> {
+        self.handle.as_ref()?.control.close_requested()
+    }
+
+    /// Hands the registration to the session, which removes it when it ends.
+    pub fn start(mut self) -> Option<Registered> {
+        let handle = self.handle.take()?;
+        let rx = self.rx.take()?;
+        Some(Registered {
+            id: self.id.clone(),
+            handle,
+            rx,
+        })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            self.hub.remove(&self.id, &handle.tx, None);
+            handle.control.finish();
+        }
+    }
 }
 
 /// How a close ended.
@@ -189,20 +247,49 @@ impl Hub {
         Self::default()
     }
 
-    /// Adds a connection and makes it its client's newest; returns the local connection it
-    /// replaces as the newest, if any (which the caller supersedes). Of racing inserts for one
-    /// client, each replaces exactly the one before it, so exactly one stays the newest.
-    pub fn insert(&self, id: Arc<str>, handle: ConnHandle) -> Option<Arc<str>> {
-        let client = handle.client_id.clone();
-        self.conns.insert(id.clone(), handle);
-        self.newest.insert(client, id)
+    /// Registers connection `id` before its token is consumed, so that anything that closes
+    /// it from then on (a deprovisioning, a DELETE, shutdown) finds it here: whoever closes a
+    /// record first and looks in the hub second either finds this entry or made the accept
+    /// fail. `None` if an entry with that id exists (a replay racing the first use).
+    pub fn reserve(self: &Arc<Self>, id: &str, now_ms: i64) -> Option<Reservation> {
+        let id: Arc<str> = Arc::from(id);
+        let (tx, rx) = mpsc::channel(crate::session::COMMAND_QUEUE);
+        let handle = ConnHandle {
+            tx,
+            liveness: Arc::new(Liveness::new(now_ms)),
+            control: Arc::new(Control::default()),
+        };
+        match self.conns.entry(id.clone()) {
+            dashmap::Entry::Occupied(_) => return None,
+            dashmap::Entry::Vacant(v) => {
+                v.insert(handle.clone());
+            }
+        }
+        Some(Reservation {
+            hub: self.clone(),
+            id,
+            handle: Some(handle),
+            rx: Some(rx),
+        })
     }
 
-    /// Removes `id` if it is still the entry created with `tx` (a task only removes itself).
-    pub fn remove(&self, id: &str, tx: &mpsc::Sender<Box<Outgoing>>) {
-        if let Some((_, handle)) = self.conns.remove_if(id, |_, h| h.tx.same_channel(tx)) {
-            self.newest
-                .remove_if(&handle.client_id, |_, newest| &**newest == id);
+    /// Makes `id` its client's newest local connection; returns the one it replaces, if any
+    /// (which the caller supersedes). Of racing promotions for one client, each replaces
+    /// exactly the one before it, so exactly one stays the newest.
+    pub fn promote(&self, id: &Arc<str>, client_id: &Arc<str>) -> Option<Arc<str>> {
+        self.newest.insert(client_id.clone(), id.clone())
+    }
+
+    /// Removes `id` if it is still the entry created with `tx` (a task only removes itself),
+    /// and as `client_id`'s newest if it was promoted.
+    pub fn remove(&self, id: &str, tx: &mpsc::Sender<Box<Outgoing>>, client_id: Option<&str>) {
+        if self
+            .conns
+            .remove_if(id, |_, h| h.tx.same_channel(tx))
+            .is_some()
+            && let Some(client) = client_id
+        {
+            self.newest.remove_if(client, |_, newest| &**newest == id);
         }
     }
 
@@ -279,6 +366,14 @@ impl Hub {
     pub fn close_all(&self, code: u16, reason: &str) {
         for entry in self.conns.iter() {
             let _ = entry.value().control.request_close(code, reason);
+        }
+    }
+
+    /// Drops every connection at once without a close frame, recording `code` and `reason`
+    /// (the node was declared lost).
+    pub fn abandon_all(&self, code: u16, reason: &str) {
+        for entry in self.conns.iter() {
+            entry.value().control.abandon(code, reason);
         }
     }
 

@@ -28,6 +28,7 @@ mod fsutil;
 pub mod heartbeat;
 pub mod hooks;
 pub mod hub;
+pub mod lease;
 pub mod listener;
 pub mod metered_store;
 pub mod metrics;

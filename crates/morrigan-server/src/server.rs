@@ -29,6 +29,7 @@ use crate::cluster::HubCommands;
 use crate::config::Config;
 use crate::hooks::Hooks;
 use crate::hub::Hub;
+use crate::lease::Lease;
 use crate::listener::{Graceful, Serving};
 use crate::providers::{Provider, Providers};
 use crate::state::{AppState, Inner};
@@ -172,6 +173,7 @@ impl ServerBuilder {
             );
         }
         let base_url = config.base_url(bound);
+        let registered_at = std::time::Instant::now();
         store
             .register_node(&NodeRow {
                 id: node_id.clone(),
@@ -188,8 +190,17 @@ impl ServerBuilder {
         let hub = Arc::new(Hub::new());
         let background = CancellationToken::new();
         let write_bound = config.effective_write_timeout() + Duration::from_secs(1);
+        // Only a node that shares its store with others over a networked bus can be declared
+        // lost, so only such a node fences itself (see lease.rs).
+        let networked = matches!(
+            (&config.bus, &pg_pool),
+            (BusConfig::Nats(_), _) | (BusConfig::Auto, Some(_))
+        );
+        let lease = Arc::new(Lease::new(networked));
+        lease.renewed(registered_at, config.node_lease);
         let commands: Arc<dyn CommandHandler> = Arc::new(HubCommands {
             hub: hub.clone(),
+            lease: lease.clone(),
             write_bound,
         });
         let bus: Arc<dyn Bus> = match (&config.bus, pg_pool) {
@@ -243,6 +254,7 @@ impl ServerBuilder {
             store,
             tokens,
             hub,
+            lease,
             bus,
             providers: self.providers,
             hooks,
@@ -255,6 +267,7 @@ impl ServerBuilder {
             passwords,
             login_throttle: Default::default(),
             owners: Default::default(),
+            peers: Default::default(),
             sessions: TaskTracker::new(),
             shutdown: CancellationToken::new(),
         }));
@@ -451,13 +464,20 @@ async fn maintain(state: AppState, stop: CancellationToken) {
 pub async fn lease_once(state: &AppState) -> Result<(), StoreError> {
     let now = time::OffsetDateTime::now_utc();
     let until = time_format::format(now + state.config.node_lease);
-    if !state.store.renew_node(&state.node_id, &until).await? {
+    let sent = std::time::Instant::now();
+    if state.store.renew_node(&state.node_id, &until).await? {
+        state.lease.renewed(sent, state.config.node_lease);
+    } else {
         // The survivors declared this node lost (it stalled past its lease) and closed its
-        // records: its sockets must not live on unrecorded. Close them; devices reconnect.
-        tracing::error!("this node's lease lapsed and it was declared lost; closing its sockets");
-        state
-            .hub
-            .close_all(close::GOING_AWAY, "node lost its lease");
+        // records with 1006: its sockets must not live on unrecorded, and must end as their
+        // records say, without a close frame. Devices reconnect.
+        tracing::error!("this node's lease lapsed and it was declared lost; dropping its sockets");
+        state.lease.lost();
+        state.hub.abandon_all(
+            close::ABNORMAL,
+            &format!("node {} lost its lease", state.node_id),
+        );
+        let sent = std::time::Instant::now();
         state
             .store
             .register_node(&NodeRow {
@@ -469,6 +489,7 @@ pub async fn lease_once(state: &AppState) -> Result<(), StoreError> {
                 state: "running".into(),
             })
             .await?;
+        state.lease.renewed(sent, state.config.node_lease);
     }
     for lost in state
         .store
@@ -482,13 +503,14 @@ pub async fn lease_once(state: &AppState) -> Result<(), StoreError> {
                 &lost.id,
                 &CloseInfo {
                     at: &lost.lease_expires,
-                    code: 1006,
+                    code: close::ABNORMAL,
                     reason: &reason,
                 },
             )
             .await?;
         tracing::warn!(node = %lost.id, closed, "a node lost its lease; closed its connection records");
     }
+    state.peers.refresh(&state.store.nodes().await?);
     Ok(())
 }
 

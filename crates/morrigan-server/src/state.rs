@@ -29,6 +29,8 @@ pub struct Inner {
     pub tokens: Tokens,
     /// This node's sockets (shared with the bus, which applies remote commands to it).
     pub hub: Arc<Hub>,
+    /// Whether this node may act (see [`crate::lease`]).
+    pub lease: Arc<crate::lease::Lease>,
     /// Reaches the node holding a socket that is not here.
     pub bus: Arc<dyn Bus>,
     pub providers: Providers,
@@ -47,6 +49,8 @@ pub struct Inner {
     pub login_throttle: crate::throttle::LoginThrottle,
     /// The node of each remote connection this node has sent to (see [`crate::cluster::route`]).
     pub owners: dashmap::DashMap<String, Arc<str>>,
+    /// The other nodes' leases and recent silence (see [`crate::cluster::Peers`]).
+    pub peers: crate::cluster::Peers,
     /// This node's Prometheus registry (`GET /metrics`).
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The counts and caps of the sockets this node holds.

@@ -61,6 +61,8 @@ pub enum BusReply {
     WriteTimeout,
     /// Receipt: the owner got the command in time and is carrying it out (not a final answer).
     Received,
+    /// The owner cannot confirm its lease (it may have been declared lost): it did nothing.
+    Unavailable,
 }
 
 /// Why a command got no answer.

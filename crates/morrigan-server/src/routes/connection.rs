@@ -25,7 +25,7 @@ use crate::auth::{User, functions};
 use crate::bus::BusCommand;
 use crate::cluster;
 use crate::error::{ApiError, ApiResult};
-use crate::hub::{Closed, SendError};
+use crate::hub::{Closed, Reservation, SendError};
 use crate::state::AppState;
 use crate::store::{CloseInfo, ConnectionFilter, Proof};
 use crate::tokens::{self, TokenError};
@@ -271,6 +271,11 @@ async fn send(
         .ok_or_else(|| ApiError::bad_request("The message type must be a string."))?;
     MessageType::parse(ty)
         .map_err(|e| ApiError::bad_request(format!("Invalid message type: {e}.")))?;
+    if !s.lease.held() {
+        return Err(ApiError::unavailable(
+            "This node cannot confirm its cluster lease; nothing was delivered. Retry.",
+        ));
+    }
     let started = std::time::Instant::now();
     let take_by = tokio::time::Instant::now() + SEND_TIMEOUT;
     let write_bound = s.config.effective_write_timeout() + SEND_GRACE;
@@ -454,6 +459,10 @@ async fn connect(
     if s.shutdown.is_cancelled() {
         return ApiError::unavailable("The node is shutting down.").into_response();
     }
+    if !s.lease.held() {
+        return ApiError::unavailable("This node cannot confirm its cluster lease; retry.")
+            .into_response();
+    }
     let Some((token, protocol)) = connection_token(&headers) else {
         s.tokens.refused(audience::CONNECTION, "missing");
         return refuse(
@@ -501,40 +510,23 @@ async fn connect(
     }
     let now = time_format::now();
     let address = cluster::client_address(&s, peer, &headers);
-    let proof = digest.as_deref().map_or(Proof::Signature, Proof::Digest);
-    let mut accepted = s
-        .store
-        .accept_connection(&claims.sub, &claims.jti, proof, &s.node_id, &address, &now)
-        .await;
-    if matches!(accepted, Ok(None)) && digest.is_some() {
-        // Refused: a forged token, a replay, or a record written before digests were kept. The
-        // signature tells the first apart; the accept, with it as proof, the other two.
-        if let Err(e) = s.tokens.verify(&token, audience::CONNECTION).await {
-            return connection_error(e, peer);
+    // Registered in the hub before the token is consumed: a deprovisioning or DELETE that
+    // closes the record after the accept finds this entry and closes the session (see
+    // Hub::reserve). A live connection with this id means a replay.
+    let Some(reservation) = s.hub.reserve(&claims.sub, crate::session::now_ms()) else {
+        s.tokens.refused(audience::CONNECTION, "replayed");
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "Connection token already used or its connection is closed.",
+        );
+    };
+    let accepted = match accept(&s, &claims, &token, digest.as_deref(), &address, &now, peer).await
+    {
+        Ok(record) => record,
+        Err(refusal) => {
+            release(&s, &claims.sub, reservation).await;
+            return refusal;
         }
-        accepted = s
-            .store
-            .accept_connection(
-                &claims.sub,
-                &claims.jti,
-                Proof::Signature,
-                &s.node_id,
-                &address,
-                &now,
-            )
-            .await;
-    }
-    let accepted = match accepted {
-        Err(e) => return ApiError::from(e).into_response(),
-        Ok(None) => {
-            tracing::info!(%peer, connection = %claims.sub, "connection token replayed or closed");
-            s.tokens.refused(audience::CONNECTION, "replayed");
-            return refuse(
-                StatusCode::FORBIDDEN,
-                "Connection token already used or its connection is closed.",
-            );
-        }
-        Ok(Some(r)) => r,
     };
     let config = tungstenite::protocol::WebSocketConfig::default()
         // Small, because it stays allocated for the socket's life. It bounds one read
@@ -556,9 +548,16 @@ async fn connect(
         config,
         move |socket| {
             tracker.track_future(async move {
+                let Some(registered) = reservation.start() else {
+                    return;
+                };
                 match socket {
-                    Socket::Tcp(ws) => crate::session::run(session_state, accepted, ws).await,
-                    Socket::Upgraded(ws) => crate::session::run(session_state, accepted, ws).await,
+                    Socket::Tcp(ws) => {
+                        crate::session::run(session_state, accepted, registered, ws).await
+                    }
+                    Socket::Upgraded(ws) => {
+                        crate::session::run(session_state, accepted, registered, ws).await
+                    }
                 }
             })
         },
@@ -576,4 +575,66 @@ async fn connect(
             });
         },
     )
+}
+
+/// Consumes the connection token (see `Store::accept_connection`); the refusal as a response.
+async fn accept(
+    s: &AppState,
+    claims: &morrigan_protocol::api::Claims,
+    token: &str,
+    digest: Option<&str>,
+    address: &str,
+    now: &str,
+    peer: SocketAddr,
+) -> Result<ConnectionRecord, Response> {
+    let proof = digest.map_or(Proof::Signature, Proof::Digest);
+    let mut accepted = s
+        .store
+        .accept_connection(&claims.sub, &claims.jti, proof, &s.node_id, address, now)
+        .await;
+    if matches!(accepted, Ok(None)) && digest.is_some() {
+        // Refused: a forged token, a replay, or a record written before digests were kept. The
+        // signature tells the first apart; the accept, with it as proof, the other two.
+        if let Err(e) = s.tokens.verify(token, audience::CONNECTION).await {
+            return Err(connection_error(e, peer));
+        }
+        accepted = s
+            .store
+            .accept_connection(
+                &claims.sub,
+                &claims.jti,
+                Proof::Signature,
+                &s.node_id,
+                address,
+                now,
+            )
+            .await;
+    }
+    match accepted {
+        Err(e) => Err(ApiError::from(e).into_response()),
+        Ok(None) => {
+            tracing::info!(%peer, connection = %claims.sub, "connection token replayed or closed");
+            s.tokens.refused(audience::CONNECTION, "replayed");
+            Err(refuse(
+                StatusCode::FORBIDDEN,
+                "Connection token already used or its connection is closed.",
+            ))
+        }
+        Ok(Some(r)) => Ok(r),
+    }
+}
+
+/// The accept failed: the reservation leaves the hub. A close requested meanwhile (a DELETE
+/// of a pending record that found the reservation) is carried out on the record.
+async fn release(s: &AppState, id: &str, reservation: Reservation) {
+    if let Some(req) = reservation.close_requested() {
+        let now = time_format::now();
+        let close = CloseInfo {
+            at: &now,
+            code: req.code,
+            reason: &req.reason,
+        };
+        s.records.close(id, &close).await;
+    }
+    drop(reservation);
 }

@@ -31,7 +31,7 @@ use tracing::Instrument;
 use tungstenite::Message;
 
 use crate::hooks::Disconnect;
-use crate::hub::{ConnHandle, Control, Liveness, Outgoing};
+use crate::hub::{ConnHandle, Control, Liveness, Outgoing, Registered};
 use crate::providers::MessageContext;
 use crate::state::AppState;
 use crate::store::CloseInfo;
@@ -45,7 +45,7 @@ pub const COMMAND_QUEUE: usize = 8;
 /// How long a connection that is ending still handles the messages its device sent before.
 const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     i64::try_from(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -74,33 +74,38 @@ impl End {
     }
 }
 
-/// Runs an accepted connection to its end.
-pub async fn run<S>(state: AppState, record: ConnectionRecord, socket: WebSocketStream<S>)
-where
+/// Runs an accepted connection to its end. `registered` is the hub entry made before the
+/// token was consumed (see [`crate::hub::Hub::reserve`]).
+pub async fn run<S>(
+    state: AppState,
+    record: ConnectionRecord,
+    registered: Registered,
+    socket: WebSocketStream<S>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let span = tracing::info_span!("conn", id = %record.id, client = %record.client_id);
-    run_inner(state, record, socket).instrument(span).await
+    run_inner(state, record, registered, socket)
+        .instrument(span)
+        .await
 }
 
-async fn run_inner<S>(state: AppState, record: ConnectionRecord, socket: WebSocketStream<S>)
-where
+async fn run_inner<S>(
+    state: AppState,
+    record: ConnectionRecord,
+    registered: Registered,
+    socket: WebSocketStream<S>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let id: Arc<str> = Arc::from(record.id.as_str());
+    let Registered { id, handle, mut rx } = registered;
+    let ConnHandle {
+        tx,
+        liveness,
+        control,
+    } = handle;
     let client_id: Arc<str> = Arc::from(record.client_id.as_str());
-    let (tx, mut rx) = mpsc::channel(COMMAND_QUEUE);
-    let liveness = Arc::new(Liveness::new(now_ms()));
-    let control = Arc::new(Control::default());
-    let replaced = state.hub.insert(
-        id.clone(),
-        ConnHandle {
-            client_id: client_id.clone(),
-            tx: tx.clone(),
-            liveness: liveness.clone(),
-            control: control.clone(),
-        },
-    );
+    let replaced = state.hub.promote(&id, &client_id);
     tracing::info!(address = ?record.client_address, "connected");
     let mut wire = Wire::new(socket, state.config.effective_write_timeout());
 
@@ -117,6 +122,9 @@ where
     } else {
         supersede(&state, &record).await
     };
+    // Closed while it was being accepted (a deprovisioning, a DELETE or shutdown that found it
+    // registered): it never serves.
+    let closing = control.close_requested();
 
     let accepted = ConnectionState {
         kind: types::CONNECTION_STATE.into(),
@@ -124,11 +132,17 @@ where
         reason: None,
         connection_id: Some(record.id.clone()),
     };
+    let fenced = !state.lease.held();
     let sent = match serde_json::to_string(&accepted) {
-        Ok(text) => wire.send_now(Message::Text(text.into())).await,
-        Err(_) => false,
+        Ok(text) if closing.is_none() && !fenced => wire.send_now(Message::Text(text.into())).await,
+        _ => false,
     };
     let end = match (sent, superseded) {
+        _ if fenced => End::lost("this node cannot confirm its lease"),
+        (false, _) if let Some(req) = closing => {
+            wire.close(req.code, &req.reason, CLOSE_WAIT).await;
+            End::new(req.code, req.reason)
+        }
         (true, None) => {
             for hook in &state.hooks {
                 hook.connect(&record).await;
@@ -155,7 +169,7 @@ where
         (false, _) => End::lost("could not send the accept frame"),
     };
 
-    state.hub.remove(&id, &tx);
+    state.hub.remove(&id, &tx, Some(&client_id));
     // Release the socket (and the peer) before the record's write, so a reconnecting device
     // does not wait on the store; the record is still written below before this task ends, and
     // shutdown awaits the task.
@@ -238,8 +252,13 @@ async fn supersede(state: &AppState, record: &ConnectionRecord) -> Option<String
         {
             continue;
         }
-        crate::cluster::close_anywhere(state, &other, close::SUPERSEDED, &reason).await;
-        tracing::info!(older = %other.id, "superseded an older connection");
+        // Not waited for: the new connection is accepted at once whatever the older one's node
+        // does; the close (or, with no node able to, the record's) lands on its own.
+        let (st, reason) = (state.clone(), reason.clone());
+        tracing::info!(older = %other.id, "superseding an older connection");
+        state.sessions.spawn(async move {
+            crate::cluster::close_anywhere(&st, &other, close::SUPERSEDED, &reason).await;
+        });
     }
     newer
 }
@@ -272,7 +291,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             armed = Some(deadline);
         }
         let flushing = wire.flushing();
-        let reading = inbox.has_room();
+        // A fenced node writes nothing and takes nothing in (see lease.rs) until its lease is
+        // confirmed again.
+        let held = state.lease.held();
+        let reading = inbox.has_room() && held;
         tokio::select! {
             biased;
             _ = control.close_signal() => {
@@ -280,9 +302,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     code: close::INTERNAL_ERROR,
                     reason: String::new(),
                 });
-                wire.close(req.code, &req.reason, CLOSE_WAIT).await;
+                if state.lease.held() {
+                    wire.close(req.code, &req.reason, CLOSE_WAIT).await;
+                }
                 break End::new(req.code, req.reason);
             }
+            _ = state.lease.confirmed(), if !held => {}
             _ = &mut write_timer, if flushing => {
                 let reason = format!(
                     "write timeout: the device did not read for {} ms",
@@ -292,7 +317,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 wire.fail_pending(SendError::WriteTimeout);
                 break End::new(close::WRITE_TIMEOUT, reason);
             }
-            io = futures_util::future::poll_fn(|cx| wire.poll_io(reading, cx)) => match io {
+            io = futures_util::future::poll_fn(|cx| wire.poll_io(&state.lease, reading, cx)) => match io {
                 Io::Flushed(Ok(())) => wire.flushed(),
                 Io::Flushed(Err(e)) => break End::lost(format!("write failed: {e}")),
                 Io::Frame(None) => break End::lost("connection lost"),
@@ -345,18 +370,25 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     due.push(reply);
                 }
             }
-            frame = rx.recv(), if !flushing => {
+            frame = rx.recv(), if !flushing && held => {
                 // The hub's handle keeps a sender alive until this task removes it.
                 let Some(frame) = frame else {
                     break End::new(close::INTERNAL_ERROR, "command channel closed");
                 };
                 let Outgoing { text, ticket } = *frame;
-                // A frame whose sender gave up is never written.
-                if ticket.take() && let Err(e) = wire.append_frame(text, ticket) {
+                // A frame whose sender gave up is never written, nor one reaching a node that
+                // just found it cannot confirm its lease (the sender hears "closed").
+                if !state.lease.held() {
+                    ticket.failed(SendError::Closed(None));
+                } else if ticket.take() && let Err(e) = wire.append_frame(text, ticket) {
                     break append_failed(e, write_timeout);
                 }
             }
-            _ = ping.tick() => {
+            _ = ping.tick(), if held => {
+                // The guard was checked before this wait: the node may have stalled since.
+                if !state.lease.held() {
+                    continue;
+                }
                 let silent = now_ms() - liveness.last_pong_ms.load(Ordering::Acquire);
                 if silent > 2 * period_ms {
                     tracing::info!(silent_ms = silent, "heartbeat missed twice; closing");
@@ -378,6 +410,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             },
         }
         inbox.advance(ctx, &mut due);
+        if !state.lease.held() {
+            continue;
+        }
         let mut failed = None;
         for text in due.drain(..) {
             if let Err(e) = wire.append(Message::Text(text.into())) {

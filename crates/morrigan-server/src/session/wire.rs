@@ -20,6 +20,7 @@ use tungstenite::Message;
 use tungstenite::error::Error as WsError;
 use tungstenite::protocol::CloseFrame;
 
+use crate::lease::Lease;
 use crate::ticket::{SendError, TicketWriter};
 
 /// How long a close waits for its frame to drain and for the peer's close reply.
@@ -106,8 +107,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
         }
     }
 
-    /// Polls the pending flush (if any) and then the next frame (if `reading`).
-    pub(super) fn poll_io(&mut self, reading: bool, cx: &mut Context<'_>) -> Poll<Io> {
+    /// Polls the pending flush (if any) and then the next frame (if `reading`), both only
+    /// while the node holds its lease (checked at every poll: reading may write too, a pong or
+    /// a close reply).
+    pub(super) fn poll_io(
+        &mut self,
+        lease: &Lease,
+        reading: bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Io> {
+        if !lease.held() {
+            return Poll::Pending;
+        }
         if self.deadline.is_some()
             && let Poll::Ready(r) = Pin::new(&mut self.ws).poll_flush(cx)
         {

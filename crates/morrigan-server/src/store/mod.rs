@@ -314,8 +314,9 @@ pub trait Store: Send + Sync + 'static {
     async fn connections(&self, filter: &ConnectionFilter) -> Result<Vec<ConnectionRecord>>;
     /// Atomically consumes the connection token `token_id` of connection `id` (shown by `proof`)
     /// and marks it connected on `server_id`. Returns `None` when the token was already used,
-    /// the record is closed, the token expired or the digest does not match: this single
-    /// statement is what makes tokens single-use.
+    /// the record is closed, the token expired, the digest does not match or the client is no
+    /// longer provisioned: this single statement is what makes tokens single-use, and what
+    /// keeps a connection token issued while its client was being deprovisioned unusable.
     async fn accept_connection(
         &self,
         id: &str,

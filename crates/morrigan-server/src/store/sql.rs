@@ -282,6 +282,7 @@ macro_rules! sql_store {
                  FROM (VALUES {}) AS v WHERE connections.id = v.column1 AND connections.token_id = v.column2 \
                  AND connections.token_used = FALSE AND connections.open AND connections.token_expires > v.column5 \
                  AND (v.column6 IS NULL OR connections.token_digest = v.column6) \
+                 AND EXISTS (SELECT 1 FROM clients c WHERE c.id = connections.client_id) \
                  RETURNING ", $crate::store::sql::conn_cols!()),
                 values_list(reqs.len(), 6, $numbered)
             );
