@@ -210,9 +210,17 @@ pub async fn ws_connect(
     node: &Node,
     token: &str,
 ) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    ws_connect_at(&node.url, token).await
+}
+
+/// [`ws_connect`] to the node at `base` (its `http://` URL).
+pub async fn ws_connect_at(
+    base: &str,
+    token: &str,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
     let url = format!(
         "{}/api/core/connection/connect",
-        node.url.replace("http://", "ws://")
+        base.replace("http://", "ws://")
     );
     let mut req = url.into_client_request()?;
     req.headers_mut()
