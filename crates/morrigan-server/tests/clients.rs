@@ -113,3 +113,29 @@ async fn deprovisioning_revokes_tokens_and_closes_the_live_socket_with_4003() {
     let again = node.device("doomed").await;
     assert_ne!(again.id, device.id);
 }
+
+#[tokio::test]
+async fn a_retried_deprovisioning_closes_what_the_first_attempt_left_open() {
+    use sqlx::Connection;
+    let node = Node::start().await;
+    let mut device = node.device("half-done").await;
+    // A first DELETE that deleted the client and failed before closing its records.
+    let db = node.data_dir().join("morrigan.db");
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .expect("open the database");
+    sqlx::query("DELETE FROM clients WHERE id = 'half-done'")
+        .execute(&mut conn)
+        .await
+        .expect("delete the client row");
+    drop(conn);
+
+    let (status, body) = node.delete("/api/core/client/half-done", &node.admin).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["closedConnections"], 1, "{body}");
+    assert_eq!(u16::from(device.next_close().await.code), 4003);
+    assert_eq!(node.record(&device.id).await["open"], false);
+    // Now there is nothing left: 404.
+    let (status, _) = node.delete("/api/core/client/half-done", &node.admin).await;
+    assert_eq!(status, 404);
+}

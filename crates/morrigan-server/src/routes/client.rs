@@ -104,9 +104,9 @@ async fn delete_client(
     Path(client_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     user.require(&[functions::API])?;
-    if !s.store.delete_client(&client_id).await? {
-        return Err(ApiError::not_found("No such client."));
-    }
+    // The records are closed even when the client is already gone: a DELETE retried after its
+    // first attempt failed half-way (client deleted, records not closed) finishes the job.
+    let existed = s.store.delete_client(&client_id).await?;
     let now = time_format::now();
     let reason = "client deprovisioned";
     let closed = s
@@ -120,9 +120,15 @@ async fn delete_client(
             },
         )
         .await?;
-    for record in &closed {
-        crate::cluster::close_anywhere(&s, record, close::REVOKED, reason).await;
+    if !existed && closed.is_empty() {
+        return Err(ApiError::not_found("No such client."));
     }
+    futures_util::future::join_all(
+        closed
+            .iter()
+            .map(|record| crate::cluster::close_anywhere(&s, record, close::REVOKED, reason)),
+    )
+    .await;
     tracing::info!(by = %user.identity.name, client = %client_id, closed = closed.len(), "client deprovisioned");
     Ok(Json(
         json!({"state": "success", "closedConnections": closed.len()}),
