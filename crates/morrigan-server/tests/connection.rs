@@ -483,6 +483,9 @@ async fn a_tampered_token_is_refused_at_both_steps_and_consumes_nothing() {
     );
     let (mut ws, _) = node.ws_connect(&token, How::Origin).await.expect("genuine");
     assert_eq!(common::next_json(&mut ws).await["state"], "accepted");
+    // A tampered token naming the now live connection is still refused as forged, not replayed.
+    let (status, body) = common::refused(node.ws_connect(&tampered(&token), How::Origin).await);
+    assert_eq!(status, 401, "{body}");
 }
 
 #[tokio::test]

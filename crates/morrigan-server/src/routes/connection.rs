@@ -514,6 +514,10 @@ async fn connect(
     // closes the record after the accept finds this entry and closes the session (see
     // Hub::reserve). A live connection with this id means a replay.
     let Some(reservation) = s.hub.reserve(&claims.sub, crate::session::now_ms()) else {
+        // A forged token naming a live connection is refused as forged (401), not as a replay.
+        if let Err(e) = s.tokens.verify(&token, audience::CONNECTION).await {
+            return connection_error(e, peer);
+        }
         s.tokens.refused(audience::CONNECTION, "replayed");
         return refuse(
             StatusCode::FORBIDDEN,

@@ -120,7 +120,7 @@ async fn run_inner<S>(
         }
         None
     } else {
-        supersede(&state, &record).await
+        Box::pin(supersede(&state, &record)).await
     };
     // Closed while it was being accepted (a deprovisioning, a DELETE or shutdown that found it
     // registered): it never serves.
@@ -134,13 +134,15 @@ async fn run_inner<S>(
     };
     let fenced = !state.lease.held();
     let sent = match serde_json::to_string(&accepted) {
-        Ok(text) if closing.is_none() && !fenced => wire.send_now(Message::Text(text.into())).await,
+        Ok(text) if closing.is_none() && !fenced => {
+            Box::pin(wire.send_now(Message::Text(text.into()))).await
+        }
         _ => false,
     };
     let end = match (sent, superseded) {
         _ if fenced => End::lost("this node cannot confirm its lease"),
         (false, _) if let Some(req) = closing => {
-            wire.close(req.code, &req.reason, CLOSE_WAIT).await;
+            Box::pin(wire.close(req.code, &req.reason, CLOSE_WAIT)).await;
             End::new(req.code, req.reason)
         }
         (true, None) => {
@@ -163,7 +165,7 @@ async fn run_inner<S>(
         }
         // A newer connection of this client was accepted while this one started.
         (true, Some(reason)) => {
-            wire.close(close::SUPERSEDED, &reason, CLOSE_WAIT).await;
+            Box::pin(wire.close(close::SUPERSEDED, &reason, CLOSE_WAIT)).await;
             End::new(close::SUPERSEDED, reason)
         }
         (false, _) => End::lost("could not send the accept frame"),
@@ -189,7 +191,7 @@ async fn run_inner<S>(
         reason: &end.reason,
     };
     // Written now, or queued and retried until the store takes it (see records.rs).
-    state.records.close(&id, &info).await;
+    Box::pin(state.records.close(&id, &info)).await;
     tracing::info!(code = end.code, reason = %end.reason, "disconnected");
     control.finish();
     let event = Disconnect {
@@ -303,7 +305,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     reason: String::new(),
                 });
                 if state.lease.held() {
-                    wire.close(req.code, &req.reason, CLOSE_WAIT).await;
+                    Box::pin(wire.close(req.code, &req.reason, CLOSE_WAIT)).await;
                 }
                 break End::new(req.code, req.reason);
             }
@@ -322,7 +324,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 Io::Flushed(Err(e)) => break End::lost(format!("write failed: {e}")),
                 Io::Frame(None) => break End::lost("connection lost"),
                 Io::Frame(Some(Err(e))) => {
-                    break read_error(wire, e, state.config.max_message_size).await;
+                    break Box::pin(read_error(wire, e, state.config.max_message_size)).await;
                 }
                 Io::Frame(Some(Ok(msg))) => match msg {
                     Message::Text(text) => {
@@ -351,7 +353,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     Message::Close(frame) => {
                         // tungstenite queued the close reply; flush it so the peer sees a clean close.
-                        wire.answer_close().await;
+                        Box::pin(wire.answer_close()).await;
                         let (code, reason) = frame
                             .map(|f| (u16::from(f.code), f.reason.to_string()))
                             .unwrap_or((1005, String::new()));
@@ -392,7 +394,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 let silent = now_ms() - liveness.last_pong_ms.load(Ordering::Acquire);
                 if silent > 2 * period_ms {
                     tracing::info!(silent_ms = silent, "heartbeat missed twice; closing");
-                    wire.close(close::HEARTBEAT_TIMEOUT, "heartbeat missed twice", CLOSE_WAIT).await;
+                    Box::pin(wire.close(close::HEARTBEAT_TIMEOUT, "heartbeat missed twice", CLOSE_WAIT)).await;
                     break End::new(close::HEARTBEAT_TIMEOUT, "heartbeat missed twice");
                 }
                 if silent > period_ms + period_ms / 4 && liveness.alive.swap(false, Ordering::AcqRel) {
@@ -426,9 +428,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     };
     // Messages the device sent before the end are still handled (a device that reports its
     // state and closes must see it stored), within a bound; their answers cannot be sent.
-    inbox
-        .drain(ctx, tokio::time::Instant::now() + DRAIN_WAIT)
-        .await;
+    Box::pin(inbox.drain(ctx, tokio::time::Instant::now() + DRAIN_WAIT)).await;
     end
 }
 
@@ -470,4 +470,30 @@ async fn read_error<S: AsyncRead + AsyncWrite + Unpin>(
     };
     wire.refuse(code, &reason).await;
     End::new(code, reason)
+}
+
+#[cfg(test)]
+mod size {
+    use super::*;
+
+    /// The future of every connection task stays small: it is what each connection costs
+    /// beyond its buffers. A buffer held across an await, or a rarely used branch that is not
+    /// boxed, shows up here.
+    #[test]
+    fn a_connection_task_is_small() {
+        fn size_of_future<F, Fut>(_: F) -> usize
+        where
+            F: FnOnce(
+                AppState,
+                ConnectionRecord,
+                Registered,
+                WebSocketStream<tokio::net::TcpStream>,
+            ) -> Fut,
+        {
+            std::mem::size_of::<Fut>()
+        }
+        let size = size_of_future(run::<tokio::net::TcpStream>);
+        println!("connection task future: {size} bytes");
+        assert!(size < 4096, "a connection task's future takes {size} bytes");
+    }
 }

@@ -229,7 +229,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
         let raw = self.ws.get_mut();
         let _ = tokio::time::timeout_at(deadline, raw.shutdown()).await;
         let _ = tokio::time::timeout_at(deadline, async {
-            let mut scratch = [0u8; 8192];
+            // On the heap: a buffer held across an await would sit in every connection's
+            // task for its whole life.
+            let mut scratch = vec![0u8; 8192];
             while let Ok(n) = raw.read(&mut scratch).await {
                 if n == 0 {
                     break;
