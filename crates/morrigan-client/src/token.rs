@@ -353,6 +353,7 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg(target_os = "linux")]
     fn failed_save_keeps_the_old_token() {
         // A state directory whose path is so long that the token file's path fits under Linux's
         // PATH_MAX (4096 bytes with the NUL) but the temporary file's (".identity-token.<16
