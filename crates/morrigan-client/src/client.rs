@@ -67,18 +67,35 @@ pub enum Event {
 #[derive(Debug)]
 pub struct Events {
     rx: broadcast::Receiver<Event>,
+    /// No event will come after what is buffered: [`Event::Stopped`] was received, or this
+    /// subscription began after it was sent.
+    ended: bool,
 }
 
 impl Events {
-    /// The next event; `None` once the client has stopped and every event was received.
+    /// The next event; `None` once the client has stopped and every event was received (after
+    /// [`Event::Stopped`], whether or not a [`Handle`] is still alive).
     pub async fn recv(&mut self) -> Option<Event> {
         loop {
-            match self.rx.recv().await {
-                Ok(event) => return Some(event),
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(skipped = n, "event subscriber fell behind");
+            let received = if self.ended {
+                match self.rx.try_recv() {
+                    Ok(event) => Ok(event),
+                    Err(broadcast::error::TryRecvError::Lagged(n)) => Err(n),
+                    Err(_) => return None,
                 }
-                Err(broadcast::error::RecvError::Closed) => return None,
+            } else {
+                match self.rx.recv().await {
+                    Ok(event) => Ok(event),
+                    Err(broadcast::error::RecvError::Lagged(n)) => Err(n),
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            };
+            match received {
+                Ok(event) => {
+                    self.ended |= matches!(event, Event::Stopped(_));
+                    return Some(event);
+                }
+                Err(skipped) => tracing::warn!(skipped, "event subscriber fell behind"),
             }
         }
     }
@@ -558,7 +575,11 @@ impl Client {
             stop_tx,
             task,
         };
-        (handle, Events { rx: events_rx })
+        let events = Events {
+            rx: events_rx,
+            ended: false,
+        };
+        (handle, events)
     }
 }
 
@@ -594,11 +615,14 @@ impl Handle {
         self.sender.send_value(message).await
     }
 
-    /// Another subscription to the events, starting now.
+    /// Another subscription to the events, starting now (after the client stopped: one that
+    /// ends at once).
     pub fn subscribe(&self) -> Events {
-        Events {
-            rx: self.shared.events.subscribe(),
-        }
+        let rx = self.shared.events.subscribe();
+        // `Stopped` is sent before the outcome is set: with an outcome, what this subscription
+        // will ever get is already in it.
+        let ended = self.shared.outcome.borrow().is_some();
+        Events { rx, ended }
     }
 
     /// True while a connection is accepted.
@@ -695,8 +719,9 @@ impl Runner {
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
-        self.shared.outcome.send_replace(Some(result.clone()));
+        // In this order: see `Handle::subscribe`.
         self.shared.emit(Event::Stopped(result.clone()));
+        self.shared.outcome.send_replace(Some(result.clone()));
         result
     }
 

@@ -342,20 +342,55 @@ pub(crate) mod tests {
         assert_eq!(store.load().unwrap(), None);
     }
 
-    #[test]
-    fn failed_save_leaves_old_token_and_no_temp_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = TokenStore::new(dir.path());
-        store.save("a.b.c").unwrap();
-        // A directory where the file should be makes the rename fail.
-        let blocked = TokenStore::new(dir.path().join("sub"));
-        fs::create_dir_all(blocked.path()).unwrap();
-        assert!(blocked.save("x.y.z").is_err());
-        let names: Vec<_> = fs::read_dir(dir.path().join("sub"))
+    /// The names in `dir`.
+    fn names(dir: &Path) -> Vec<std::ffi::OsString> {
+        let mut names: Vec<_> = fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert_eq!(names, [IDENTITY_TOKEN_FILE]);
+        names.sort();
+        names
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn failed_save_keeps_the_old_token() {
+        // A state directory whose path is so long that the token file's path fits under Linux's
+        // PATH_MAX (4096 bytes with the NUL) but the temporary file's (".identity-token.<16
+        // hex>.tmp", 22 bytes longer) does not: the save fails before the old file is touched,
+        // in the directory the old token is read from. Unix permissions cannot make it fail:
+        // the tests run as root.
+        let root = tempfile::tempdir().unwrap();
+        let mut dir = root.path().to_path_buf();
+        let target = 4070;
+        while dir.as_os_str().len() < target {
+            let room = target - dir.as_os_str().len() - 1;
+            dir.push("d".repeat(room.clamp(1, 200)));
+        }
+        fs::create_dir_all(&dir).unwrap();
+        let store = TokenStore::new(&dir);
+        assert!(store.path().as_os_str().len() < 4096);
+        fs::write(store.path(), "a.b.c").unwrap();
         assert_eq!(store.load().unwrap().as_deref(), Some("a.b.c"));
+
+        let err = store.save("x.y.z").unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+        assert_eq!(store.load().unwrap().as_deref(), Some("a.b.c"));
+        assert_eq!(names(&dir), [IDENTITY_TOKEN_FILE]);
+    }
+
+    #[test]
+    fn failed_rename_removes_the_temporary_file() {
+        // A directory where the token file should be: the temporary file is written, the rename
+        // over the directory fails, and the temporary file must go.
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(dir.path());
+        fs::create_dir(store.path()).unwrap();
+        fs::write(store.path().join("kept"), "x").unwrap();
+
+        let err = store.save("x.y.z").unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+        assert_eq!(names(dir.path()), [IDENTITY_TOKEN_FILE]);
+        assert_eq!(names(&store.path()), ["kept"]);
     }
 }
