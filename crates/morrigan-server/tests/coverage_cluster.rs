@@ -24,7 +24,9 @@ fn postgres_url() -> Option<String> {
                 std::env::var_os("MORRIGAN_TEST_REQUIRE_SERVICES").is_none(),
                 "MORRIGAN_TEST_POSTGRES_URL is required (MORRIGAN_TEST_REQUIRE_SERVICES is set)"
             );
-            eprintln!("notice: MORRIGAN_TEST_POSTGRES_URL not set; skipping this cluster send test");
+            eprintln!(
+                "notice: MORRIGAN_TEST_POSTGRES_URL not set; skipping this cluster send test"
+            );
             None
         }
     }
@@ -110,7 +112,10 @@ async fn a_send_to_a_node_that_is_gone_answers_503_or_409() {
     assert_error(&body, "unavailable", "not reachable");
     assert!(started.elapsed() < WAIT, "{:?}", started.elapsed());
     let record = b.record(&device.id).await;
-    assert_eq!(record["open"], true, "the crashed node's record is still open: {record}");
+    assert_eq!(
+        record["open"], true,
+        "the crashed node's record is still open: {record}"
+    );
     // Asked again, B does not wait on the silent node a second time.
     let started = Instant::now();
     let (status, body) = b.send(&device.id, &ping).await;
@@ -265,7 +270,10 @@ async fn a_frame_the_owners_connection_does_not_take_answers_504_and_is_never_wr
     }
     for (n, (status, _)) in &answers {
         if *status == 200 {
-            assert!(delivered.contains(n), "frame {n} answered 200, not delivered");
+            assert!(
+                delivered.contains(n),
+                "frame {n} answered 200, not delivered"
+            );
         }
     }
 

@@ -93,7 +93,8 @@ impl RawStream {
             }
             let data = self.raw[eol + 2..eol + 2 + size].to_vec();
             self.raw.drain(..eol + 2 + size + 2);
-            self.body.push_str(std::str::from_utf8(&data).expect("UTF-8 events"));
+            self.body
+                .push_str(std::str::from_utf8(&data).expect("UTF-8 events"));
         }
     }
 }
@@ -107,10 +108,7 @@ async fn subscribe_raw(node: &Node) -> RawStream {
         "GET /api/core/connection/events HTTP/1.1\r\nHost: node\r\nAuthorization: Bearer {}\r\n\r\n",
         node.admin
     );
-    socket
-        .write_all(request.as_bytes())
-        .await
-        .expect("request");
+    socket.write_all(request.as_bytes()).await.expect("request");
     let mut stream = RawStream {
         socket,
         raw: Vec::new(),

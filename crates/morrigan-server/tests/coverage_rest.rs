@@ -71,9 +71,7 @@ async fn the_node_list_needs_a_user_token_with_api() {
     assert_error(&body, "authenticationfailed");
 
     // A valid user token without `api`: 403 naming the function.
-    let (_, outsider) = node
-        .identity_with("outsider", &["connection.send"])
-        .await;
+    let (_, outsider) = node.identity_with("outsider", &["connection.send"]).await;
     let (status, body) = node.get("/api/core/node", &outsider).await;
     assert_eq!(status, 403, "{body}");
     assert_error(&body, "forbidden");
@@ -91,12 +89,7 @@ async fn the_dashboard_is_served_with_its_security_headers() {
         ("/dashboard/app.js", "text/javascript"),
         ("/dashboard/app.css", "text/css"),
     ] {
-        let res = node
-            .http
-            .get(node.url(path))
-            .send()
-            .await
-            .expect("request");
+        let res = node.http.get(node.url(path)).send().await.expect("request");
         assert_eq!(res.status().as_u16(), 200, "{path}");
         let h = res.headers().clone();
         let header = |name: &str| {
@@ -139,7 +132,11 @@ async fn the_dashboard_is_served_with_its_security_headers() {
     }
 
     // Any other file: the JSON 404, not a page.
-    for path in ["/dashboard/other.js", "/dashboard/index.htm", "/dashboard/..%2fapp.js"] {
+    for path in [
+        "/dashboard/other.js",
+        "/dashboard/index.htm",
+        "/dashboard/..%2fapp.js",
+    ] {
         let (status, body) = node.call(Method::GET, path, None, None).await;
         assert_eq!(status, 404, "{path}: {body}");
         assert_error(&body, "notFound");
@@ -203,7 +200,9 @@ async fn healthz_answers_503_while_the_node_stops() {
     let stopping = tokio::spawn(node.stop());
     let deadline = Instant::now() + WAIT;
     let answer = loop {
-        s.write_all(request).await.expect("the connection stays open");
+        s.write_all(request)
+            .await
+            .expect("the connection stays open");
         match read_response(&mut s).await {
             Some((200, _)) => {
                 assert!(Instant::now() < deadline, "/healthz never said stopping");
@@ -285,7 +284,11 @@ async fn while_the_store_is_down_writes_answer_503_and_live_sockets_go_on() {
     // Writes: provisioning, a token exchange, an upgrade (its accept), a login.
     let (status, body) = within_deadline(
         "provisioning",
-        node.post("/api/core/client/provision", &node.admin, &json!({"id": "new"})),
+        node.post(
+            "/api/core/client/provision",
+            &node.admin,
+            &json!({"id": "new"}),
+        ),
     )
     .await;
     assert_eq!(status, 503, "{body}");
@@ -297,7 +300,8 @@ async fn while_the_store_is_down_writes_answer_503_and_live_sockets_go_on() {
     let (status, body) = common::refused(refused);
     assert_eq!(status, 503, "{body}");
     assert_error(&body, "unavailable");
-    let (status, body) = within_deadline("a login", node.try_login("admin", common::ADMIN_PASSWORD)).await;
+    let (status, body) =
+        within_deadline("a login", node.try_login("admin", common::ADMIN_PASSWORD)).await;
     assert_eq!(status, 503, "{body}");
     assert_error(&body, "unavailable");
 
@@ -334,7 +338,11 @@ async fn while_the_store_is_down_writes_answer_503_and_live_sockets_go_on() {
 
     // And the same requests succeed again, without a restart.
     let (status, body) = node
-        .post("/api/core/client/provision", &node.admin, &json!({"id": "new"}))
+        .post(
+            "/api/core/client/provision",
+            &node.admin,
+            &json!({"id": "new"}),
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     let (status, body) = node.connection_token(&waiting).await;

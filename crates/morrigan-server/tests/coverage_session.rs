@@ -69,7 +69,10 @@ async fn a_text_frame_that_is_not_utf8_closes_with_1007() {
 
     // Invalid UTF-8 in one frame, and a character cut short at the end of the last fragment.
     for (client, frames) in [
-        ("bad-byte", vec![text_frame(b"{\"type\":\"zz.\xff\"}", true, true)]),
+        (
+            "bad-byte",
+            vec![text_frame(b"{\"type\":\"zz.\xff\"}", true, true)],
+        ),
         (
             "cut-short",
             vec![
@@ -111,7 +114,10 @@ async fn client_state_is_stored_within_its_bounds_and_refused_outside() {
     device
         .send_json(&json!({"type": "client.state", "state": longest}))
         .await;
-    assert_eq!(replies_until_probe(&mut device, 1).await, Vec::<Value>::new());
+    assert_eq!(
+        replies_until_probe(&mut device, 1).await,
+        Vec::<Value>::new()
+    );
     let client = stored(&node).await;
     assert_eq!(client["state"], longest.as_str(), "{client}");
     assert!(client["stateUpdated"].is_string(), "{client}");
@@ -138,7 +144,10 @@ async fn client_state_is_stored_within_its_bounds_and_refused_outside() {
     device
         .send_json(&json!({"type": "client.state", "state": "ready"}))
         .await;
-    assert_eq!(replies_until_probe(&mut device, 2).await, Vec::<Value>::new());
+    assert_eq!(
+        replies_until_probe(&mut device, 2).await,
+        Vec::<Value>::new()
+    );
     assert_eq!(stored(&node).await["state"], "ready");
 }
 
@@ -215,9 +224,15 @@ async fn client_state_racing_a_deprovisioning_never_brings_the_client_back() {
         assert_error_frame(f, "invalidMessage", "client.state", "no longer provisioned");
     }
     let (status, body) = node.get("/api/core/client/leaving", &node.admin).await;
-    assert_eq!(status, 404, "a late client.state recreated the client: {body}");
+    assert_eq!(
+        status, 404,
+        "a late client.state recreated the client: {body}"
+    );
     let (status, body) = node
-        .get("/api/core/connection?clientId=leaving&open=true", &node.admin)
+        .get(
+            "/api/core/connection?clientId=leaving&open=true",
+            &node.admin,
+        )
         .await;
     assert_eq!((status, body), (200, json!([])));
 }
@@ -254,7 +269,10 @@ async fn a_refreshed_token_keeps_the_old_one_valid_for_the_grace_period_only() {
     assert_eq!(claims["sub"], "refresher", "{claims}");
     let exp = time::OffsetDateTime::from_unix_timestamp(claims["exp"].as_i64().expect("exp"))
         .expect("exp");
-    assert_eq!(issue["expires"], morrigan_protocol::time_format::format(exp));
+    assert_eq!(
+        issue["expires"],
+        morrigan_protocol::time_format::format(exp)
+    );
 
     // Both work within the grace period (the server started it after `asked`, so an answer
     // that came back before `asked + GRACE` was given within it).
@@ -320,10 +338,18 @@ async fn refreshes_racing_a_deprovisioning_issue_nothing_that_works() {
             tokens.push(f["token"].as_str().expect("token").to_string());
         } else {
             // Handled after the client was deleted: refused.
-            assert_error_frame(f, "invalidMessage", "client.token.refresh", "no longer provisioned");
+            assert_error_frame(
+                f,
+                "invalidMessage",
+                "client.token.refresh",
+                "no longer provisioned",
+            );
         }
     }
-    assert!(tokens.len() >= 3, "refreshes were answered before: {frames:?}");
+    assert!(
+        tokens.len() >= 3,
+        "refreshes were answered before: {frames:?}"
+    );
     // Whatever was issued, before or during the deprovisioning, opens nothing.
     for token in &tokens {
         assert_eq!(exchange(&node, token).await, 403);

@@ -33,7 +33,9 @@ impl Provider for Echo {
         "2.5.0"
     }
     fn messages(&self) -> Vec<String> {
-        ["say", "quiet", "invalid", "fail"].map(String::from).to_vec()
+        ["say", "quiet", "invalid", "fail"]
+            .map(String::from)
+            .to_vec()
     }
     fn functions(&self) -> Vec<String> {
         vec!["echo.use".into()]
@@ -191,7 +193,10 @@ impl Embedded {
             .json()
             .await
             .expect("exchange body");
-        body["token"].as_str().expect("connection token").to_string()
+        body["token"]
+            .as_str()
+            .expect("connection token")
+            .to_string()
     }
 
     async fn open(&self, token: &str) -> common::Handshake {
@@ -245,7 +250,11 @@ async fn a_provider_handles_its_type_prefix_and_its_reply_is_sent() {
     let node = Embedded::start(|b| b.provider(Arc::new(Echo))).await;
     let (mut ws, id) = node.device("echoer").await;
 
-    send(&mut ws, json!({"type": "echo.say", "payload": {"n": [1, 2]}})).await;
+    send(
+        &mut ws,
+        json!({"type": "echo.say", "payload": {"n": [1, 2]}}),
+    )
+    .await;
     assert_eq!(
         next_json(&mut ws).await,
         json!({"type": "echo.said", "payload": {"n": [1, 2]}, "connectionId": id, "clientId": "echoer"})
@@ -253,14 +262,26 @@ async fn a_provider_handles_its_type_prefix_and_its_reply_is_sent() {
     // No reply is sent for a handler that answers nothing: the next frame answers the next
     // message.
     send(&mut ws, json!({"type": "echo.quiet"})).await;
-    send(&mut ws, json!({"type": "echo.say", "payload": "after quiet"})).await;
+    send(
+        &mut ws,
+        json!({"type": "echo.say", "payload": "after quiet"}),
+    )
+    .await;
     assert_eq!(next_json(&mut ws).await["payload"], "after quiet");
     // The handler's failures become the documented connection.error frames.
     for (ty, error, reason) in [
         ("echo.invalid", "invalidMessage", "echo needs a payload"),
         ("echo.fail", "handlerFailed", "the echo backend is down"),
-        ("echo.other", "unknownMessage", "provider 'echo' has no message 'other'"),
-        ("echoes.say", "unknownProvider", "no provider named 'echoes'"),
+        (
+            "echo.other",
+            "unknownMessage",
+            "provider 'echo' has no message 'other'",
+        ),
+        (
+            "echoes.say",
+            "unknownProvider",
+            "no provider named 'echoes'",
+        ),
     ] {
         send(&mut ws, json!({"type": ty})).await;
         let reply = next_json(&mut ws).await;
