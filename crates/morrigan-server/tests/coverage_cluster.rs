@@ -190,7 +190,9 @@ async fn a_frame_the_owners_connection_does_not_take_answers_504_and_is_never_wr
         c.heartbeat_interval = Duration::from_secs(120);
     })
     .await;
-    let b = node_on(&db, |_| {}).await;
+    // The requester's own write timeout bounds how long it waits for an outcome beyond the
+    // take deadline (10 s): short here, so the test does not wait for it long.
+    let b = node_on(&db, |c| c.write_timeout = Some(Duration::from_secs(1))).await;
     let identity = a.provision("slow").await;
     let (mut ws, id) = reluctant_device(&a, &identity).await;
 
@@ -244,8 +246,8 @@ async fn a_frame_the_owners_connection_does_not_take_answers_504_and_is_never_wr
 
     // The device reads again; a last small frame marks the end. A frame answered "not taken"
     // never arrives. (The one frame the connection had taken, half written, is answered 504
-    // "did not answer in time" by B, whose wait is bounded by its own, shorter write timeout:
-    // it is written once the device reads, so it is not asserted either way here.)
+    // "did not answer in time" by B, whose wait is bounded by its own write timeout, shorter
+    // than A's: it is written once the device reads, so it is not asserted either way here.)
     let reading = tokio::spawn(async move {
         let mut got = Vec::new();
         loop {
