@@ -156,8 +156,9 @@ impl NatsBus {
                     Ok(Envelope {
                         id,
                         reply: Some(reply),
+                        write_bound_ms,
                         ..
-                    }) => rpc.on_reply(&id, reply),
+                    }) => rpc.on_reply(&id, reply, write_bound_ms),
                     _ => tracing::warn!("malformed bus reply ignored"),
                 }
             }

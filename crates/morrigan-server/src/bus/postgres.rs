@@ -173,7 +173,8 @@ impl PgBus {
             return;
         };
         if let Some(reply) = envelope.reply {
-            self.rpc.on_reply(&envelope.id, reply);
+            self.rpc
+                .on_reply(&envelope.id, reply, envelope.write_bound_ms);
             return;
         }
         let rpc = self.rpc.clone();

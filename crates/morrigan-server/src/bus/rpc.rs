@@ -53,6 +53,10 @@ pub(crate) struct Envelope {
     /// Set on replies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply: Option<BusReply>,
+    /// On a receipt: how long after `takeBy` the owner may still report a taken frame's
+    /// outcome (its own write timeout and slack), which the requester waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_bound_ms: Option<u64>,
 }
 
 /// How a networked backend moves envelopes.
@@ -80,7 +84,7 @@ fn transport(e: impl std::fmt::Display) -> BusError {
 pub(crate) struct Rpc {
     node_id: String,
     store: Arc<dyn Store>,
-    pending: DashMap<String, mpsc::Sender<BusReply>>,
+    pending: DashMap<String, mpsc::Sender<(BusReply, Option<u64>)>>,
     /// How long after `takeBy` an owner may still report a taken frame's outcome (its write
     /// timeout and some slack).
     write_bound: Duration,
@@ -131,6 +135,7 @@ impl Rpc {
             command: Some(command),
             stash: None,
             reply: None,
+            write_bound_ms: None,
         };
         let payload = self.encode(envelope, t.limit()).await?;
         let (tx, mut rx) = mpsc::channel(2);
@@ -140,25 +145,29 @@ impl Rpc {
             id: id.clone(),
         };
         t.send_request(node_id, &id, payload).await?;
-        match tokio::time::timeout_at(started + RECEIPT_WAIT, rx.recv()).await {
-            Ok(Some(BusReply::Received)) => {}
-            Ok(Some(outcome)) => return Ok(outcome),
+        // The owner's bound for a taken frame is its own (its write timeout may differ from
+        // this node's): waiting less could answer 504 for a frame it then writes.
+        let owner_bound = match tokio::time::timeout_at(started + RECEIPT_WAIT, rx.recv()).await {
+            Ok(Some((BusReply::Received, bound))) => {
+                bound.map_or(self.write_bound, Duration::from_millis)
+            }
+            Ok(Some((outcome, _))) => return Ok(outcome),
             Ok(None) | Err(_) => return Err(BusError::NoRoute(node_id.to_string())),
-        }
-        let bound = started + timeout + self.write_bound + OUTCOME_SLACK;
+        };
+        let bound = started + timeout + owner_bound + OUTCOME_SLACK;
         loop {
             match tokio::time::timeout_at(bound, rx.recv()).await {
-                Ok(Some(BusReply::Received)) => continue,
-                Ok(Some(outcome)) => return Ok(outcome),
+                Ok(Some((BusReply::Received, _))) => continue,
+                Ok(Some((outcome, _))) => return Ok(outcome),
                 Ok(None) | Err(_) => return Err(BusError::Timeout(node_id.to_string())),
             }
         }
     }
 
-    /// A reply reached this node.
-    pub(crate) fn on_reply(&self, id: &str, reply: BusReply) {
+    /// A reply reached this node (`write_bound_ms` as a receipt carries it).
+    pub(crate) fn on_reply(&self, id: &str, reply: BusReply, write_bound_ms: Option<u64>) {
         if let Some(tx) = self.pending.get(id) {
-            let _ = tx.try_send(reply);
+            let _ = tx.try_send((reply, write_bound_ms));
         }
     }
 
@@ -188,6 +197,8 @@ impl Rpc {
             command: None,
             stash: None,
             reply: Some(reply),
+            write_bound_ms: (reply == BusReply::Received)
+                .then(|| u64::try_from(self.write_bound.as_millis()).unwrap_or(u64::MAX)),
         };
         if let Ok(text) = serde_json::to_string(&answer(BusReply::Received))
             && let Err(e) = t.send_reply(&envelope.from, &envelope.id, text).await

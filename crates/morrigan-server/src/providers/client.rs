@@ -51,7 +51,7 @@ impl Provider for ClientProvider {
                     .ok_or_else(|| HandlerError::Invalid("'state' must be a string".into()))?;
                 if state.is_empty() || state.len() > MAX_STATE_LEN {
                     return Err(HandlerError::Invalid(format!(
-                        "'state' must be 1-{MAX_STATE_LEN} characters"
+                        "'state' must be 1-{MAX_STATE_LEN} bytes of UTF-8"
                     )));
                 }
                 tracing::info!(client = %ctx.client_id, state, "client reported state");
