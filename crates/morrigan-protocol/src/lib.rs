@@ -6,12 +6,14 @@
 //!
 //! * [`message`]: the JSON message envelope, the `type` grammar and the built-in message types.
 //! * [`close`]: WebSocket close codes the server uses, and what a client should do on each.
-//! * [`records`]: connection and client records as the REST API serves them.
+//! * [`records`]: connection, client and node records as the REST API serves them.
+//! * [`events`]: the connection event stream's events.
 //! * [`api`]: request and response bodies of the REST API, and token claims.
 //! * [`paths`]: the HTTP paths, as the original Node.js server mounted them.
 
 pub mod api;
 pub mod close;
+pub mod events;
 pub mod message;
 pub mod paths;
 pub mod records;

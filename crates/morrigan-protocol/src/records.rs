@@ -173,3 +173,17 @@ mod tests {
         assert_eq!(back, r);
     }
 }
+
+/// A node of the cluster as `GET /api/core/node` serves it (a single server is a cluster of one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRecord {
+    pub id: String,
+    pub public_url: String,
+    pub version: String,
+    pub started: String,
+    pub lease_expires: String,
+    /// `running`, `stopped` (clean stop) or `lost` (lease lapsed).
+    pub state: String,
+}

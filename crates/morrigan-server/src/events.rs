@@ -11,76 +11,16 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use morrigan_protocol::close;
 use morrigan_protocol::records::ConnectionRecord;
-use morrigan_protocol::time_format;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::bus::Bus;
 use crate::hooks::{Disconnect, Hooks};
 use crate::metrics::Metrics;
 
-/// Event kinds (the SSE `event:` field and the JSON `type`).
-pub mod kinds {
-    pub const CONNECTED: &str = "connected";
-    pub const DISCONNECTED: &str = "disconnected";
-    pub const SUPERSEDED: &str = "superseded";
-    pub const HEARTBEAT_MISSED: &str = "heartbeat-missed";
-    pub const CLIENT_STATE: &str = "client-state";
-    /// Stream control: the subscription is active (first event of every stream).
-    pub const READY: &str = "ready";
-    /// Stream control: this subscriber fell behind and `missed` events were dropped.
-    pub const LAGGED: &str = "lagged";
-}
+pub use morrigan_protocol::events::{ConnectionEvent, kinds};
 
 /// Events queued per node before publication drops them.
 pub const PUBLISH_QUEUE: usize = 4096;
-
-/// One event about a connection, as the event stream delivers it (the SSE `data:`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ConnectionEvent {
-    /// `connected`, `disconnected`, `superseded`, `heartbeat-missed` or `client-state`.
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub connection_id: String,
-    pub client_id: String,
-    /// The node holding (or that held) the socket.
-    pub node: String,
-    /// When it happened (ISO 8601 UTC).
-    pub at: String,
-    /// `connected`: the client's address.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub address: Option<String>,
-    /// `disconnected`, `superseded`: the close code.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub code: Option<u16>,
-    /// `disconnected`, `superseded`: the close reason.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// `disconnected`: the close code's short name (`normal`, `superseded`, ...).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason_name: Option<String>,
-    /// `client-state`: the reported state.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<String>,
-}
-
-impl ConnectionEvent {
-    fn new(kind: &str, connection_id: &str, client_id: &str, node: &str) -> Self {
-        Self {
-            kind: kind.to_string(),
-            connection_id: connection_id.to_string(),
-            client_id: client_id.to_string(),
-            node: node.to_string(),
-            at: time_format::now(),
-            address: None,
-            code: None,
-            reason: None,
-            reason_name: None,
-            state: None,
-        }
-    }
-}
 
 /// The built-in hook: metrics and events for every connection of the node.
 pub struct Observer {

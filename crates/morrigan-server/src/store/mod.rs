@@ -195,18 +195,8 @@ pub struct Heartbeat {
     pub last_heartbeat: Option<String>,
 }
 
-/// A node of the cluster (a single server is a cluster of one).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct NodeRow {
-    pub id: String,
-    pub public_url: String,
-    pub version: String,
-    pub started: String,
-    pub lease_expires: String,
-    /// `running`, `stopped` (clean stop) or `lost` (lease lapsed).
-    pub state: String,
-}
+/// A node of the cluster: the wire record itself (the store keeps nothing more).
+pub use morrigan_protocol::records::NodeRecord as NodeRow;
 
 /// Filters for listing connection records.
 #[derive(Debug, Clone, Default)]
