@@ -74,33 +74,29 @@ impl RefusingPort {
     }
 }
 
-/// Writes a line to the test's standard error directly (not through `eprintln!`, which the
-/// test harness captures and shows only for failing tests).
-fn notice(line: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
-    // `.ci/run` collects the skips of the whole run and prints them beside its summary.
-    if let Some(path) = std::env::var_os("MORRIGAN_TEST_SKIP_LOG") {
-        let test = std::thread::current()
-            .name()
-            .unwrap_or("a test")
-            .to_string();
-        if let Ok(mut file) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            let _ = writeln!(file, "{test}: {line}");
-        }
-    }
-}
-
 /// Skips the calling test for `why`: fails instead when `MORRIGAN_TEST_REQUIRE_SERVICES` is
-/// set (as `.ci/run` sets it), otherwise prints a notice. The caller returns right after.
+/// set (as `.ci/run` sets it); otherwise prints a notice naming the test, written to standard
+/// error directly (`eprintln!` is captured by the test harness and shown only for failing
+/// tests) and appended to the file `MORRIGAN_TEST_SKIP_LOG` names, if set (`.ci/run` lists
+/// those beside its summary). The caller returns right after.
 pub fn skip(why: &str) {
     if std::env::var_os("MORRIGAN_TEST_REQUIRE_SERVICES").is_some() {
         panic!("{why}, and MORRIGAN_TEST_REQUIRE_SERVICES is set: not skipping");
     }
-    notice(&format!("notice: {why}; test skipped"));
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    let line = format!("notice: skipped {test}: {why}");
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+    if let Some(path) = std::env::var_os("MORRIGAN_TEST_SKIP_LOG")
+        && let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    {
+        let _ = writeln!(file, "{line}");
+    }
 }
 
 /// The URL in the environment variable `var` (e.g. `MORRIGAN_TEST_POSTGRES_URL`), or `None`
