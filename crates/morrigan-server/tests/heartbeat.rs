@@ -114,5 +114,5 @@ async fn a_device_that_stops_answering_is_closed_with_4002() {
 
     // The node serves on.
     let mut other = node.device("other").await;
-    other.assert_served().await;
+    other.assert_served(&node).await;
 }

@@ -124,7 +124,7 @@ async fn graceful_shutdown_closes_sockets_with_1001_and_writes_the_records() {
         .expect("token issued before the restart");
     assert_eq!(common::next_json(&mut ws).await["state"], "accepted");
     let mut again = node.connect_device("dev", &identity).await;
-    again.assert_served().await;
+    again.assert_served(&node).await;
 }
 
 #[tokio::test]
@@ -172,7 +172,7 @@ async fn after_a_crash_the_restart_closes_the_records_left_open() {
     // And the device reconnects.
     node.connect_device("dev", &device.identity)
         .await
-        .assert_served()
+        .assert_served(&node)
         .await;
 }
 
