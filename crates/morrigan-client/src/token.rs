@@ -343,19 +343,42 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn failed_save_leaves_old_token_and_no_temp_file() {
+    fn failed_save_leaves_no_temp_file_and_the_target_untouched() {
         let dir = tempfile::tempdir().unwrap();
         let store = TokenStore::new(dir.path());
-        store.save("a.b.c").unwrap();
-        // A directory where the file should be makes the rename fail.
-        let blocked = TokenStore::new(dir.path().join("sub"));
-        fs::create_dir_all(blocked.path()).unwrap();
-        assert!(blocked.save("x.y.z").is_err());
-        let names: Vec<_> = fs::read_dir(dir.path().join("sub"))
+        // A non-empty directory where the token file goes makes the final rename fail, after
+        // the temporary file was written in that same directory.
+        fs::create_dir(store.path()).unwrap();
+        fs::write(store.path().join("keep"), "kept").unwrap();
+        assert!(store.save("x.y.z").is_err());
+        let names: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert_eq!(names, [IDENTITY_TOKEN_FILE]);
-        assert_eq!(store.load().unwrap().as_deref(), Some("a.b.c"));
+        assert_eq!(
+            names,
+            [IDENTITY_TOKEN_FILE],
+            "no temporary file left behind"
+        );
+        assert_eq!(
+            fs::read_to_string(store.path().join("keep")).unwrap(),
+            "kept"
+        );
+    }
+
+    #[test]
+    fn save_replaces_the_file_whole_never_rewrites_it_in_place() {
+        // A reader that opened the old token before a save still reads the old token whole:
+        // the new one went to another file, renamed over the old name (a save that truncated
+        // and rewrote the file would let a crash leave it empty or partial).
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(dir.path());
+        store.save("old.token.value").unwrap();
+        let mut before = fs::File::open(store.path()).unwrap();
+        store.save("new.token.value").unwrap();
+        let mut old = String::new();
+        std::io::Read::read_to_string(&mut before, &mut old).unwrap();
+        assert_eq!(old, "old.token.value");
+        assert_eq!(store.load().unwrap().as_deref(), Some("new.token.value"));
     }
 }
