@@ -703,15 +703,16 @@ pub fn skip(why: &str) {
         .name()
         .unwrap_or("a test")
         .to_string();
-    let line = format!("notice: skipped {test}: {why}");
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
+    // One write per line, so that the lines of tests running at once do not interleave.
+    let line = format!("notice: skipped {test}: {why}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
     if let Some(path) = std::env::var_os("MORRIGAN_TEST_SKIP_LOG")
         && let Ok(mut file) = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
     {
-        let _ = writeln!(file, "{line}");
+        let _ = file.write_all(line.as_bytes());
     }
 }
 
