@@ -393,4 +393,20 @@ pub(crate) mod tests {
         assert_eq!(names(dir.path()), [IDENTITY_TOKEN_FILE]);
         assert_eq!(names(&store.path()), ["kept"]);
     }
+
+    #[test]
+    fn save_replaces_the_file_whole_never_rewrites_it_in_place() {
+        // A reader that opened the old token before a save still reads the old token whole:
+        // the new one went to another file, renamed over the old name (a save that truncated
+        // and rewrote the file would let a crash leave it empty or partial).
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(dir.path());
+        store.save("old.token.value").unwrap();
+        let mut before = fs::File::open(store.path()).unwrap();
+        store.save("new.token.value").unwrap();
+        let mut old = String::new();
+        std::io::Read::read_to_string(&mut before, &mut old).unwrap();
+        assert_eq!(old, "old.token.value");
+        assert_eq!(store.load().unwrap().as_deref(), Some("new.token.value"));
+    }
 }

@@ -256,7 +256,7 @@ async fn send_delivers_the_message_as_sent() {
         assert_eq!(body["status"], "failed");
         assert!(body["reason"].is_string());
     }
-    device.assert_served().await;
+    device.assert_served(&node).await;
 
     // Without connection.send: 403.
     let (_, api_only) = node.identity_with("viewer", &["api"]).await;

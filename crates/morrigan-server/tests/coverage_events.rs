@@ -211,7 +211,7 @@ async fn a_subscriber_that_falls_behind_gets_lagged_then_the_newer_events() {
     let resumed = before.len() + missed;
     assert_eq!(after, (resumed..=EVENTS + 1).collect::<Vec<_>>());
     // The node goes on serving the device.
-    device.assert_served().await;
+    device.assert_served(&node).await;
 }
 
 #[tokio::test]

@@ -65,7 +65,7 @@ async fn a_text_frame_that_is_not_utf8_closes_with_1007() {
         .expect("last fragment");
     let reply = device.next_json().await;
     assert_error_frame(&reply, "invalidType", "zz.\u{e4}", "character");
-    device.assert_served().await;
+    device.assert_served(&node).await;
 
     // Invalid UTF-8 in one frame, and a character cut short at the end of the last fragment.
     for (client, frames) in [
@@ -94,7 +94,7 @@ async fn a_text_frame_that_is_not_utf8_closes_with_1007() {
         assert_eq!(r["alive"], false, "{client}: {r}");
     }
     // The other connections are unaffected.
-    device.assert_served().await;
+    device.assert_served(&node).await;
 }
 
 /// The client record of `stateful`.

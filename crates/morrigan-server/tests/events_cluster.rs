@@ -9,19 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-fn service_url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            assert!(
-                std::env::var_os("MORRIGAN_TEST_REQUIRE_SERVICES").is_none(),
-                "{var} is required (MORRIGAN_TEST_REQUIRE_SERVICES is set)"
-            );
-            eprintln!("notice: {var} not set; skipping this cluster events test");
-            None
-        }
-    }
-}
+use common::service_url;
 
 async fn fresh_database(base: &str) -> (String, String) {
     use sqlx::Connection;

@@ -243,7 +243,7 @@ async fn requests_in_flight_and_websockets_are_not_idle() {
     s.write_all(req.as_bytes()).await.expect("write");
     // Let three idle bounds pass (the point of the test is that time passes).
     common::pause(idle * 3).await;
-    device.assert_served().await;
+    device.assert_served(&node).await;
     let _second = node.device("after-the-pause").await;
     // The stream delivers the second device's `connected` event.
     let deadline = Instant::now() + WAIT;
@@ -439,8 +439,8 @@ async fn past_the_http_cap_new_connections_are_closed_at_once_and_devices_are_se
         assert_closed_within(s, idle + SLACK, &format!("held socket {i}")).await;
     }
     let mut second = node.device("connected-after").await;
-    second.assert_served().await;
-    device.assert_served().await;
+    second.assert_served(&node).await;
+    device.assert_served(&node).await;
     let refused = metric(
         &node,
         "morrigan_http_connections_refused_total",

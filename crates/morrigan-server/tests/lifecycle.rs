@@ -124,7 +124,7 @@ async fn graceful_shutdown_closes_sockets_with_1001_and_writes_the_records() {
         .expect("token issued before the restart");
     assert_eq!(common::next_json(&mut ws).await["state"], "accepted");
     let mut again = node.connect_device("dev", &identity).await;
-    again.assert_served().await;
+    again.assert_served(&node).await;
 }
 
 #[tokio::test]
@@ -172,21 +172,34 @@ async fn after_a_crash_the_restart_closes_the_records_left_open() {
     // And the device reconnects.
     node.connect_device("dev", &device.identity)
         .await
-        .assert_served()
+        .assert_served(&node)
         .await;
 }
 
 #[tokio::test]
 async fn unused_connection_tokens_expire_at_upkeep() {
-    let node = Node::start_with(|c| c.connection_token_ttl = Duration::from_secs(1)).await;
+    // Expiry is in whole seconds (`exp` = issue second + TTL): a 3 s TTL leaves at least 2 s
+    // before the token's expiry, whenever in its second it was issued.
+    let node = Node::start_with(|c| c.connection_token_ttl = Duration::from_secs(3)).await;
     let identity = node.provision("dev").await;
     let token = node.token(&identity).await;
-    let id = common::claims(&token)["sub"].as_str().unwrap().to_string();
-    // Not expired yet: upkeep leaves it.
-    node.upkeep().await;
-    assert_eq!(node.record(&id).await["open"], true);
+    let claims = common::claims(&token);
+    let id = claims["sub"].as_str().unwrap().to_string();
+    let exp = claims["exp"].as_i64().expect("exp");
+    let now = || time::OffsetDateTime::now_utc().unix_timestamp_nanos() as f64 / 1e9;
 
-    common::pause(Duration::from_millis(2100)).await;
+    // Not expired yet: upkeep leaves it. (Asserted only if the upkeep surely ran before the
+    // expiry, which a machine that stalled for seconds might not have.)
+    node.upkeep().await;
+    let open = node.record(&id).await["open"].clone();
+    if now() < exp as f64 {
+        assert_eq!(open, true, "an unexpired token's record is left open");
+    }
+
+    // Once the clock has passed `exp`, the next upkeep closes it.
+    while now() <= exp as f64 + 0.05 {
+        common::pause(Duration::from_millis(50)).await;
+    }
     node.upkeep().await;
     let r = node.record(&id).await;
     assert_eq!(r["open"], false, "{r}");

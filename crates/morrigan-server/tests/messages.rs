@@ -26,15 +26,6 @@ async fn client_until(node: &Node, id: &str, pred: impl Fn(&Value) -> bool) -> V
     }
 }
 
-/// Proves the session is still served, both ways: an error frame answers a probe, and a REST
-/// send arrives.
-async fn still_served(node: &Node, device: &mut Device) {
-    device.assert_served().await;
-    let (status, body) = node.send(&device.id, &json!({"type": "agent.ping"})).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(device.next_json().await["type"], "agent.ping");
-}
-
 #[tokio::test]
 async fn client_state_is_persisted_on_the_client_record() {
     let node = Node::start().await;
@@ -57,7 +48,7 @@ async fn client_state_is_persisted_on_the_client_record() {
     assert_eq!(err["type"], "connection.error");
     assert_eq!(err["error"], "invalidMessage");
     assert_eq!(err["messageType"], "client.state");
-    still_served(&node, &mut device).await;
+    device.assert_served(&node).await;
 }
 
 #[tokio::test]
@@ -135,7 +126,7 @@ async fn capability_report_is_persisted_and_served() {
         let err = device.next_json().await;
         assert_eq!(err["error"], "invalidMessage", "{bad}: {err}");
     }
-    still_served(&node, &mut device).await;
+    device.assert_served(&node).await;
 }
 
 #[tokio::test]
@@ -217,28 +208,94 @@ async fn every_bad_frame_gets_a_connection_error_and_the_socket_stays_open() {
     let err = device.next_json().await;
     assert_eq!(err["error"], "binaryFrame", "{err}");
 
-    still_served(&node, &mut device).await;
+    device.assert_served(&node).await;
     let r = node.record(&device.id).await;
     assert_eq!(r["open"], true);
 }
 
-#[tokio::test]
-async fn too_many_messages_are_answered_with_rate_limited() {
-    let node = Node::start_with(|c| c.max_messages_per_second = 1).await;
-    let mut device = node.device("dev").await;
-    for _ in 0..10 {
-        device.send_text(r#"{"type":"connection.x"}"#).await;
+/// Sends `n` messages in one write (they reach the server together) and returns, in order,
+/// each answer's error kind, with the time from the first send to the last answer: an upper
+/// bound on the time the server took to take them in.
+async fn burst(device: &mut Device, n: usize) -> (Vec<String>, std::time::Duration) {
+    let started = std::time::Instant::now();
+    for i in 0..n {
+        let probe = json!({"type": "connection.burst", "n": i}).to_string();
+        device
+            .ws
+            .feed(Message::Text(probe.into()))
+            .await
+            .expect("queue");
     }
+    device.ws.flush().await.expect("send the burst");
     let mut kinds = Vec::new();
-    for _ in 0..10 {
-        kinds.push(
-            device.next_json().await["error"]
-                .as_str()
-                .unwrap()
-                .to_string(),
+    for _ in 0..n {
+        let err = device.next_json().await;
+        assert_eq!(err["type"], "connection.error", "{err}");
+        if err["error"] == "rateLimited" {
+            assert_eq!(
+                err["reason"],
+                format!("more than {RATE} messages per second; message dropped"),
+                "{err}"
+            );
+        }
+        kinds.push(err["error"].as_str().expect("error kind").to_string());
+    }
+    (kinds, started.elapsed())
+}
+
+/// The per-connection limit of these tests: messages per second (bursts of twice that).
+const RATE: u32 = 10;
+
+#[tokio::test]
+async fn too_many_messages_are_answered_with_rate_limited_at_the_rate_and_burst() {
+    let node = Node::start_with(|c| c.max_messages_per_second = RATE).await;
+    let mut device = node.device("dev").await;
+    let burst_size = 2 * RATE as usize;
+    let handled = |kinds: &[String]| kinds.iter().filter(|k| *k == "unknownMessage").count();
+    // At most the burst, plus what the bucket refilled at RATE per second since the first
+    // message could have arrived (one more for the fraction left over).
+    let bound = |took: std::time::Duration| {
+        burst_size + (f64::from(RATE) * took.as_secs_f64()).floor() as usize + 1
+    };
+    let started = std::time::Instant::now();
+
+    // A fresh connection has a full bucket: a burst of twice the rate is handled whole (each
+    // probe answered as an unknown message, in order), and what follows at once is refused.
+    let (first, took) = burst(&mut device, 4 * RATE as usize).await;
+    assert!(
+        first[..burst_size].iter().all(|k| k == "unknownMessage"),
+        "the first {burst_size} of a burst are handled: {first:?}"
+    );
+    assert!(
+        handled(&first) <= bound(took),
+        "{} handled within {took:?}: {first:?}",
+        handled(&first)
+    );
+    assert!(first.iter().any(|k| k == "rateLimited"), "{first:?}");
+
+    // The bucket refills at RATE per second: 0.7 s later at least 7 tokens are back, and in
+    // all no more than the burst and the refill over the whole time was handled.
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let (second, _) = burst(&mut device, burst_size).await;
+    let took = started.elapsed();
+    let refilled = 7;
+    assert!(
+        second[..refilled].iter().all(|k| k == "unknownMessage"),
+        "0.7 s after the burst, {refilled} messages are handled: {second:?}"
+    );
+    let total = handled(&first) + handled(&second);
+    assert!(
+        total <= bound(took),
+        "{total} handled within {took:?}, over the rate: {first:?} {second:?}"
+    );
+    for kinds in [&first, &second] {
+        assert!(
+            kinds
+                .iter()
+                .all(|k| k == "unknownMessage" || k == "rateLimited"),
+            "{kinds:?}"
         );
     }
-    assert!(kinds.iter().any(|k| k == "rateLimited"), "{kinds:?}");
     assert_eq!(node.record(&device.id).await["open"], true);
 }
 
@@ -263,7 +320,7 @@ async fn an_oversized_message_closes_that_socket_with_1009() {
     assert_eq!(r["closeCode"], 1009);
     assert!(r["disconnected"].is_string());
 
-    still_served(&node, &mut bystander).await;
+    bystander.assert_served(&node).await;
 }
 
 #[tokio::test]
@@ -282,7 +339,7 @@ async fn a_large_message_arrives_whole_through_the_small_read_buffer() {
     for _ in 0..4 {
         assert_eq!(device.next_json().await["error"], "unknownMessage");
     }
-    device.assert_served().await;
+    device.assert_served(&node).await;
 }
 
 #[tokio::test]
@@ -321,7 +378,7 @@ async fn a_malformed_frame_closes_only_that_socket() {
         if let Some(code) = end {
             assert_eq!(code, 1002, "{what}");
         }
-        still_served(&node, &mut bystander).await;
+        bystander.assert_served(&node).await;
     }
     // New devices still connect.
     node.device("after").await;

@@ -7,9 +7,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::{Node, WAIT};
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use reqwest::Method;
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
 
 // ----- event stream -----
 
@@ -137,17 +138,23 @@ async fn event_stream_delivers_connection_events() {
 
 #[tokio::test]
 async fn event_stream_reports_missed_heartbeats() {
-    let node = Node::start_with(|c| c.heartbeat_interval = Duration::from_secs(1)).await;
+    // Pings every P = 2 s, from the accept. The device answers the first ping 0.7 s after it
+    // arrives, then never again: the second ping finds it silent for ~1.3 s (fine), the third
+    // for ~3.3 s (over 1.25 P: missed), the fourth for ~5.3 s (over 2 P: closed with 4002).
+    // Any pong delay between 0 and 1.5 s gives the same outcome, so a loaded machine cannot
+    // turn it into a close without the missed heartbeat.
+    let period = Duration::from_secs(2);
+    let node = Node::start_with(|c| c.heartbeat_interval = period).await;
     let mut events = Events::open(&node, &node.admin).await;
-    // The device answers the first ping half a period late, then never again: the next ping
-    // finds it silent for 1.5 periods (missed), the one after for 2.5 (closed with 4002).
     let mut device = node.device("silent-device").await;
     events.until("connected", &device.id).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    for _ in 0..2 {
-        // The first read returns the ping; the second flushes the pong.
-        let _ = tokio::time::timeout(Duration::from_millis(100), device.ws.next()).await;
+    match tokio::time::timeout(WAIT, device.ws.next()).await {
+        Ok(Some(Ok(Message::Ping(_)))) => {}
+        other => panic!("expected the first ping, got {other:?}"),
     }
+    // The pong tungstenite queued for that ping leaves with the next flush.
+    tokio::time::sleep(period * 7 / 20).await;
+    device.ws.flush().await.expect("the pong");
     events.until("heartbeat-missed", &device.id).await;
     let closed = events.until("disconnected", &device.id).await;
     assert_eq!(closed["code"], 4002);

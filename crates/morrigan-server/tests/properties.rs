@@ -243,7 +243,7 @@ fn arbitrary_tokens_over_http_are_refused_and_the_node_keeps_serving() {
         let first = common::next_json(&mut ws).await;
         assert_eq!(first["state"], "accepted", "{first}");
         let mut device = node.connect_device("genuine", &identity).await;
-        device.assert_served().await;
+        device.assert_served(&node).await;
     });
 }
 
@@ -703,7 +703,7 @@ fn every_message_gets_exactly_its_documented_reply_and_the_socket_stays_open() {
     // Still the same open, served connection.
     let mut device = device.into_inner().expect("device");
     rt.block_on(async {
-        device.assert_served().await;
+        device.assert_served(&node).await;
         let record = node.record(&device.id).await;
         assert_eq!(record["open"], true, "{record}");
     });

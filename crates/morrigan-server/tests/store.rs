@@ -2,6 +2,8 @@
 //! reaping and the guard on the last full identity, on SQLite and (with
 //! `MORRIGAN_TEST_POSTGRES_URL`) on a fresh PostgreSQL database.
 
+mod common;
+
 use std::sync::Arc;
 
 use futures_util::future::join_all;
@@ -450,12 +452,7 @@ async fn sqlite_store() {
 
 #[tokio::test]
 async fn postgres_store() {
-    let Ok(base) = std::env::var("MORRIGAN_TEST_POSTGRES_URL") else {
-        assert!(
-            std::env::var("MORRIGAN_TEST_REQUIRE_SERVICES").is_err(),
-            "MORRIGAN_TEST_POSTGRES_URL is required"
-        );
-        eprintln!("notice: MORRIGAN_TEST_POSTGRES_URL not set; skipping the PostgreSQL store test");
+    let Some(base) = common::service_url("MORRIGAN_TEST_POSTGRES_URL") else {
         return;
     };
     use sqlx::Connection;

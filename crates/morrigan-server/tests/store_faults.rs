@@ -165,7 +165,7 @@ async fn closes_written_while_sqlite_is_locked_land_after_the_lock() {
     );
     // The node serves new connections without a restart.
     let mut after = node.device("after-the-lock").await;
-    after.assert_served().await;
+    after.assert_served(&node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,17 +246,7 @@ async fn a_close_still_waiting_at_shutdown_is_written_before_the_node_stops() {
 }
 
 fn postgres_url() -> Option<String> {
-    match std::env::var("MORRIGAN_TEST_POSTGRES_URL") {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            assert!(
-                std::env::var_os("MORRIGAN_TEST_REQUIRE_SERVICES").is_none(),
-                "MORRIGAN_TEST_POSTGRES_URL is required (MORRIGAN_TEST_REQUIRE_SERVICES is set)"
-            );
-            eprintln!("notice: MORRIGAN_TEST_POSTGRES_URL not set; skipping this PostgreSQL test");
-            None
-        }
-    }
+    common::service_url("MORRIGAN_TEST_POSTGRES_URL")
 }
 
 /// Runs `sql` on the server at `base` (the maintenance database).
@@ -353,7 +343,7 @@ async fn closes_written_while_postgres_refuses_connections_land_after_it() {
         .await;
     }
     let mut after = node.device("after-the-refusal").await;
-    after.assert_served().await;
+    after.assert_served(&node).await;
 
     drop(node);
     if let Ok(mut conn) = sqlx::PgConnection::connect(&pg).await {

@@ -53,8 +53,8 @@ async fn a_second_connection_supersedes_the_first() {
     let mut other = node.device("other").await;
     let mut third = node.connect_device("dev", &first.identity).await;
     assert_eq!(u16::from(second.next_close().await.code), 4001);
-    other.assert_served().await;
-    third.assert_served().await;
+    other.assert_served(&node).await;
+    third.assert_served(&node).await;
 }
 
 /// Two connections of one client accepted at the same moment: exactly one survives, it is the

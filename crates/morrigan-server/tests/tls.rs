@@ -56,7 +56,7 @@ async fn a_device_session_over_tls() {
         .send_json(&json!({"type": "client.token.refresh"}))
         .await;
     assert_eq!(device.next_json().await["type"], "client.token.issue");
-    device.assert_served().await;
+    device.assert_served(&node).await;
 
     // Plain HTTP to the TLS port does not get served.
     let plain = reqwest::Client::new()

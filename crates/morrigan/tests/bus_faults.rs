@@ -6,6 +6,7 @@
 //! a private `nats-server` process this test starts, from the same installation).
 
 mod cluster_support;
+mod harness;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,10 +16,12 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-/// A NATS server of this test's own, on a port it keeps across restarts.
+/// A NATS server of this test's own, on a port it chose at its first start (`-p -1`) and keeps
+/// across restarts (the nodes know only that URL).
 struct PrivateNats {
     child: Option<Child>,
     port: u16,
+    log: tempfile::NamedTempFile,
 }
 
 impl PrivateNats {
@@ -38,27 +41,81 @@ impl PrivateNats {
     async fn start() -> Self {
         let mut nats = Self {
             child: None,
-            port: free_port(),
+            port: 0,
+            log: tempfile::NamedTempFile::new().expect("nats log file"),
         };
-        nats.restart().await;
+        nats.spawn(-1);
+        // "Listening for client connections on 127.0.0.1:<port>"
+        let deadline = Instant::now() + Duration::from_secs(10);
+        nats.port = loop {
+            let log = std::fs::read_to_string(nats.log.path()).unwrap_or_default();
+            let port = log.lines().find_map(|l| {
+                let (_, addr) = l.split_once("Listening for client connections on ")?;
+                addr.trim().rsplit(':').next()?.parse::<u16>().ok()
+            });
+            if let Some(port) = port {
+                break port;
+            }
+            nats.assert_running(&log);
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start: {log}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         nats
     }
 
-    async fn restart(&mut self) {
+    fn spawn(&mut self, port: i32) {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.log.path())
+            .expect("nats log");
         let child = Command::new(Self::binary())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start nats-server");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
+    }
+
+    fn assert_running(&mut self, log: &str) {
+        if let Some(child) = self.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
         {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            panic!("nats-server exited ({status}): {log}");
+        }
+    }
+
+    /// Starts again on the same port. A bind failure (the port's old connections still
+    /// closing) is retried for a few seconds.
+    async fn restart(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.spawn(i32::from(self.port));
+            loop {
+                if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+                if let Some(child) = self.child.as_mut()
+                    && let Ok(Some(_)) = child.try_wait()
+                {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "nats-server did not restart");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let log = std::fs::read_to_string(self.log.path()).unwrap_or_default();
+            assert!(
+                Instant::now() < deadline,
+                "nats-server could not listen on port {} again: {log}",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -117,9 +174,10 @@ async fn two_nodes(
     extra: &[&str],
 ) -> (String, Node, Node, reqwest::Client, String, Ws, String) {
     let database = fresh_database(pg).await;
-    let a = Node::start_with(&database, nats, extra).await;
-    let b = Node::start_with(&database, nats, extra).await;
-    let http = reqwest::Client::new();
+    let mut nodes = Node::start_many(2, &database, nats, extra).await;
+    let b = nodes.pop().expect("node b");
+    let a = nodes.pop().expect("node a");
+    let http = http();
     let user = login(&http, &b).await;
     let identity = provision(&http, &b, &user, "bus-device").await;
     let token = connection_token(&http, &a, &identity).await;

@@ -2,6 +2,7 @@
 //! human tables and one-line errors.
 
 mod cli_support;
+mod harness;
 
 use std::os::unix::fs::PermissionsExt;
 
@@ -64,7 +65,8 @@ async fn login_caches_the_token_privately_and_errors_are_one_line() {
     cmd.env_remove("MORRIGAN_URL");
     assert_success(&["node ls without a URL"], &cli.output(cmd).await);
     // The token is not sent to another server.
-    let other = format!("http://127.0.0.1:{}", cli_support::free_port());
+    let refusing = harness::RefusingPort::new();
+    let other = refusing.url();
     let line = cli.fails(&["client", "ls", "--url", &other]).await;
     assert!(
         line.contains("not logged in to") && line.contains("morrigan login"),

@@ -1,9 +1,10 @@
 //! Cluster tests: three `morrigan serve` processes on one fresh PostgreSQL database, for each
-//! bus (PostgreSQL LISTEN/NOTIFY and NATS). They need `MORRIGAN_TEST_POSTGRES_URL` (and
+//! bus (PostgreSQL LISTEN/NOTIFY and NATS); and the lease reaper closing a dead node's records. They need `MORRIGAN_TEST_POSTGRES_URL` (and
 //! `MORRIGAN_TEST_NATS_URL` for the NATS bus); without them they print a notice and pass, unless
 //! `MORRIGAN_TEST_REQUIRE_SERVICES` is set (as `.ci/run` does), in which case they fail.
 
 mod cluster_support;
+mod harness;
 
 use std::time::Duration;
 
@@ -15,10 +16,13 @@ async fn scenario(nats: Option<String>) {
         return;
     };
     let database = fresh_database(&pg).await;
-    let a = Node::start(&database, nats.as_deref()).await;
-    let b = Node::start(&database, nats.as_deref()).await;
-    let c = Node::start(&database, nats.as_deref()).await;
-    let http = reqwest::Client::new();
+    let mut nodes = Node::start_many(3, &database, nats.as_deref(), &[]).await;
+    let (c, b, a) = (
+        nodes.pop().unwrap(),
+        nodes.pop().unwrap(),
+        nodes.pop().unwrap(),
+    );
+    let http = http();
     let user = login(&http, &b).await;
     let identity = provision(&http, &c, &user, "cluster-device").await;
 
@@ -104,7 +108,8 @@ async fn scenario(nats: Option<String>) {
     let mut a = a;
     a.kill9();
     // Closed by a survivor: by the lease reaper, or by the supersede of the device's new
-    // connection on another node, whichever comes first.
+    // connection on another node, whichever comes first. (The reaper alone, with no device
+    // reconnecting, is the next test.)
     let mut closed = Value::Null;
     for _ in 0..150 {
         closed = record(&http, &b, &user, &id3).await;
@@ -171,6 +176,71 @@ async fn scenario(nats: Option<String>) {
     drop((a, b, c));
     drop_database(&pg, &database).await;
 }
+
+/// The lease reaper, with nothing else to close the record: a device (a raw WebSocket, which
+/// never reconnects) on node A; A is killed (-9); the survivor declares A lost and closes its
+/// record itself: 1006, the reason naming A's lease, disconnected when that lease lapsed.
+#[tokio::test]
+async fn a_dead_nodes_records_are_closed_by_a_survivor_when_its_lease_lapses() {
+    let Some(pg) = service_url("MORRIGAN_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let database = fresh_database(&pg).await;
+    let mut started = Node::start_many(2, &database, None, &[]).await;
+    let (b, mut a) = (started.pop().unwrap(), started.pop().unwrap());
+    let http = http();
+    let user = login(&http, &b).await;
+    let identity = provision(&http, &b, &user, "reaped-device").await;
+    let token = connection_token(&http, &a, &identity).await;
+    let mut device = ws_connect(&a, &token).await.expect("connect to A");
+    let accepted = next(&mut device).await.expect("accepted");
+    let id = accepted["connectionId"].as_str().expect("id").to_string();
+    let rec = record(&http, &b, &user, &id).await;
+    assert_eq!(rec["open"], true, "{rec}");
+    let node_a = rec["serverId"].as_str().expect("serverId").to_string();
+
+    a.kill9();
+    // The socket just ends: a killed node sends no close frame.
+    assert_eq!(next(&mut device).await, Err(1006));
+
+    // The lease is 2 s, renewed every third of it; the bound is generous.
+    let closed = eventually("A's record closed by the survivor", WAIT_REAPED, || async {
+        let r = record(&http, &b, &user, &id).await;
+        (r["open"] == false).then_some(r)
+    })
+    .await;
+    assert_eq!(closed["closeCode"], 1006, "{closed}");
+    assert_eq!(
+        closed["closeReason"],
+        format!("node {node_a} lost its lease"),
+        "{closed}"
+    );
+    assert_eq!(closed["alive"], false, "{closed}");
+    let lost = eventually("A marked lost", WAIT_REAPED, || async {
+        nodes(&http, &b, &user)
+            .await
+            .into_iter()
+            .find(|n| n["id"] == node_a.as_str() && n["state"] == "lost")
+    })
+    .await;
+    assert_eq!(
+        closed["disconnected"], lost["leaseExpires"],
+        "disconnected when A's lease lapsed: {closed} {lost}"
+    );
+    // The survivor itself is not declared lost.
+    let survivor = nodes(&http, &b, &user).await;
+    assert!(
+        survivor
+            .iter()
+            .any(|n| n["id"] != node_a.as_str() && n["state"] == "running"),
+        "{survivor:?}"
+    );
+    drop((a, b));
+    drop_database(&pg, &database).await;
+}
+
+/// Bound on the reaper's work after a node died (a 2 s lease).
+const WAIT_REAPED: Duration = Duration::from_secs(30);
 
 /// Waits for the client's next `Connected` event and returns the connection id.
 async fn connected(events: &mut morrigan_client::Events) -> String {

@@ -8,6 +8,7 @@
 //!   connection fails fast.
 
 mod cluster_support;
+mod harness;
 
 use std::time::{Duration, Instant};
 
@@ -125,11 +126,8 @@ struct Cluster {
 
 async fn cluster(pg: &str, nats: Option<&str>, extra: &[&str]) -> Cluster {
     let database = fresh_database(pg).await;
-    let mut nodes = Vec::new();
-    for _ in 0..3 {
-        nodes.push(Node::start_with(&database, nats, extra).await);
-    }
-    let http = reqwest::Client::new();
+    let nodes = Node::start_many(3, &database, nats, extra).await;
+    let http = http();
     let user = login(&http, &nodes[1]).await;
     Cluster {
         database,

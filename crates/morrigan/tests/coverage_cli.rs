@@ -2,6 +2,7 @@
 //! the environment) for `morrigan serve`, and `morrigan connection close` when it fails.
 
 mod cli_support;
+mod harness;
 
 use std::path::Path;
 use std::process::Stdio;

@@ -3,7 +3,8 @@
 //! closed as soon as it is accepted, the process never meets `EMFILE`, a connected device is
 //! still served, and once sockets are released new devices get in again.
 
-use std::net::TcpListener;
+mod harness;
+
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -53,15 +54,9 @@ impl Proc {
 /// `morrigan serve` whose soft file limit is 64 and hard limit `RESERVE + SOCKETS`: the node
 /// raises the soft limit to the hard one and caps its sockets at `SOCKETS`.
 async fn spawn(tmp: &Path) -> Proc {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
     let log = tmp.join("serve.log");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_morrigan"));
-    cmd.args(["serve", "--listen", &addr, "--data-dir"])
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(tmp.join("data"))
         .current_dir(tmp)
         .stdin(Stdio::null())
@@ -97,7 +92,14 @@ async fn spawn(tmp: &Path) -> Proc {
             Ok(())
         });
     }
-    let child = cmd.spawn().expect("start morrigan");
+    let mut child = cmd.spawn().expect("start morrigan");
+    let addr = harness::wait_serving(
+        &log,
+        || child.try_wait().ok().flatten().map(|s| s.to_string()),
+        WAIT,
+    )
+    .await
+    .to_string();
     let mut proc = Proc {
         child,
         base: format!("http://{addr}"),

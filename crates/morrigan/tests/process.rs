@@ -1,7 +1,10 @@
 //! The real binary: `morrigan serve` as an operator runs it. First start without a password,
 //! SIGTERM with a connected device, kill -9 and restart, and `morrigan.toml` with flags over it.
+//!
+//! Every server listens on `127.0.0.1:0`; the test reads the port it bound from its log.
 
-use std::net::TcpListener;
+mod harness;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -19,15 +22,6 @@ const WAIT: Duration = Duration::from_secs(20);
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// A free port on 127.0.0.1 (bound and released; the server binds it right after).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A running `morrigan serve`, killed on drop.
 struct Proc {
     child: Child,
@@ -42,13 +36,24 @@ impl Drop for Proc {
     }
 }
 
-/// Starts `morrigan <args>` in `cwd` (so no stray ./morrigan.toml is read) and waits for
-/// `/healthz` on `port`.
-async fn spawn(cwd: &Path, port: u16, args: &[&str], password: Option<&str>) -> Proc {
+/// `morrigan` with none of the caller's `MORRIGAN_*` settings.
+fn clean_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_morrigan"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("MORRIGAN_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+/// Starts `morrigan <args>` in `cwd` (so no stray ./morrigan.toml is read), reads the address
+/// it bound from its log, and waits for `/healthz` there.
+async fn spawn(cwd: &Path, args: &[&str], password: Option<&str>) -> Proc {
     static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let log = cwd.join(format!("serve-{n}.log"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_morrigan"));
+    let mut cmd = clean_command();
     cmd.args(args)
         .current_dir(cwd)
         .stdin(Stdio::null())
@@ -57,30 +62,22 @@ async fn spawn(cwd: &Path, port: u16, args: &[&str], password: Option<&str>) -> 
             std::fs::OpenOptions::new().append(true).open(&log).unwrap(),
         ))
         .env("MORRIGAN_LOG", "info");
-    for var in [
-        "MORRIGAN_CONFIG",
-        "MORRIGAN_LISTEN",
-        "MORRIGAN_DATA_DIR",
-        "MORRIGAN_PUBLIC_URL",
-        "MORRIGAN_DATABASE_URL",
-        "MORRIGAN_HEARTBEAT_INTERVAL",
-        "MORRIGAN_CONNECTION_TOKEN_TTL",
-        "MORRIGAN_TLS_CERT",
-        "MORRIGAN_TLS_KEY",
-        "MORRIGAN_ADMIN_PASSWORD",
-    ] {
-        cmd.env_remove(var);
-    }
     if let Some(p) = password {
         cmd.env("MORRIGAN_ADMIN_PASSWORD", p);
     }
-    let child = cmd.spawn().expect("start morrigan");
+    let mut child = cmd.spawn().expect("start morrigan");
+    let addr = harness::wait_serving(
+        &log,
+        || child.try_wait().ok().flatten().map(|s| s.to_string()),
+        WAIT,
+    )
+    .await;
     let mut proc = Proc {
         child,
-        base: format!("http://127.0.0.1:{port}"),
+        base: format!("http://{addr}"),
         log,
     };
-    let http = reqwest::Client::new();
+    let http = http();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         if let Ok(Some(status)) = proc.child.try_wait() {
@@ -100,17 +97,19 @@ async fn spawn(cwd: &Path, port: u16, args: &[&str], password: Option<&str>) -> 
     }
 }
 
-/// `morrigan serve --listen 127.0.0.1:<port> --data-dir <data>` with the admin password set.
+/// An HTTP client whose every request is bounded by [`WAIT`].
+fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(WAIT).build().unwrap()
+}
+
+/// `morrigan serve --listen 127.0.0.1:0 --data-dir <data>` with the admin password set.
 async fn serve(tmp: &Path, data: &Path) -> Proc {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     spawn(
         tmp,
-        port,
         &[
             "serve",
             "--listen",
-            &listen,
+            "127.0.0.1:0",
             "--data-dir",
             data.to_str().unwrap(),
         ],
@@ -120,6 +119,11 @@ async fn serve(tmp: &Path, data: &Path) -> Proc {
 }
 
 impl Proc {
+    /// The port the server bound.
+    fn port(&self) -> u16 {
+        self.base.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -150,7 +154,7 @@ impl Proc {
     }
 
     async fn login(&self, password: &str) -> (u16, Value) {
-        let res = reqwest::Client::new()
+        let res = http()
             .post(format!("{}/api/auth", self.base))
             .json(&json!({"name": "admin", "password": password}))
             .send()
@@ -167,7 +171,7 @@ impl Proc {
     }
 
     async fn get(&self, path: &str, token: &str) -> (u16, Value) {
-        let res = reqwest::Client::new()
+        let res = http()
             .get(format!("{}{path}", self.base))
             .bearer_auth(token)
             .send()
@@ -179,7 +183,7 @@ impl Proc {
 
     /// Provisions `client` and returns a connection token.
     async fn connection_token(&self, admin: &str, client: &str) -> String {
-        let http = reqwest::Client::new();
+        let http = http();
         let identity: String = http
             .post(format!("{}/api/core/client/provision", self.base))
             .bearer_auth(admin)
@@ -249,15 +253,12 @@ async fn close_code(ws: &mut Ws) -> Option<u16> {
 async fn first_start_without_a_password_writes_a_private_generated_one() {
     let tmp = TempDir::new().unwrap();
     let data = tmp.path().join("data");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let proc = spawn(
         tmp.path(),
-        port,
         &[
             "serve",
             "--listen",
-            &listen,
+            "127.0.0.1:0",
             "--data-dir",
             data.to_str().unwrap(),
         ],
@@ -344,18 +345,23 @@ async fn after_kill_9_a_restart_closes_the_record_left_open() {
 #[tokio::test]
 async fn morrigan_toml_is_read_and_flags_override_it() {
     let tmp = TempDir::new().unwrap();
-    let port = free_port();
     let data = tmp.path().join("data");
     // ./morrigan.toml in the working directory is read by default.
     std::fs::write(
         tmp.path().join("morrigan.toml"),
         format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\npublic_url = \"https://from-file.example\"\n",
+            "listen = \"127.0.0.2:0\"\ndata_dir = \"{}\"\npublic_url = \"https://from-file.example\"\n",
             data.display()
         ),
     )
     .unwrap();
-    let proc = spawn(tmp.path(), port, &["serve"], Some(PASSWORD)).await;
+    let proc = spawn(tmp.path(), &["serve"], Some(PASSWORD)).await;
+    // (127.0.0.2: a loopback address of its own, so the default cannot pass for it.)
+    assert!(
+        proc.base.starts_with("http://127.0.0.2:"),
+        "listen from the file: {}",
+        proc.base
+    );
     assert!(data.join("morrigan.db").exists(), "data_dir from the file");
     let admin = proc.admin().await;
     let token = proc.connection_token(&admin, "dev").await;
@@ -370,7 +376,6 @@ async fn morrigan_toml_is_read_and_flags_override_it() {
     std::fs::rename(tmp.path().join("morrigan.toml"), &config).unwrap();
     let proc = spawn(
         tmp.path(),
-        port,
         &[
             "serve",
             "--config",
@@ -389,15 +394,32 @@ async fn morrigan_toml_is_read_and_flags_override_it() {
     );
     drop(proc);
 
-    // An unknown key is an error, not silently ignored.
-    std::fs::write(&config, "listen_on = \"127.0.0.1:1\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_morrigan"))
-        .args(["serve", "--config", config.to_str().unwrap()])
+    // An unknown key is an error naming it, not silently ignored (ignored, the server would
+    // start on the default address, and be killed at the deadline).
+    std::fs::write(
+        &config,
+        format!(
+            "listen_on = \"127.0.0.1:1\"\ndata_dir = \"{}\"\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = tokio::process::Command::from(clean_command());
+    cmd.args(["serve", "--config", config.to_str().unwrap()])
         .current_dir(tmp.path())
-        .env_remove("MORRIGAN_ADMIN_PASSWORD")
-        .output()
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(WAIT, cmd.output())
+        .await
+        .expect("morrigan serve exits at once on an unknown key")
         .unwrap();
-    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("unknown field `listen_on`") && stderr.contains("other.toml"),
+        "the error names the key and the file: {stderr}"
+    );
+    assert!(!stderr.contains("serving"), "{stderr}");
 }
 
 fn report_url(jwt: &str) -> String {
@@ -416,15 +438,12 @@ fn report_url(jwt: &str) -> String {
 async fn sigterm_exits_0_in_time_while_a_device_does_not_read() {
     let tmp = TempDir::new().unwrap();
     let data = tmp.path().join("data");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let mut proc = spawn(
         tmp.path(),
-        port,
         &[
             "serve",
             "--listen",
-            &listen,
+            "127.0.0.1:0",
             "--data-dir",
             data.to_str().unwrap(),
             "--heartbeat-interval",
@@ -437,6 +456,7 @@ async fn sigterm_exits_0_in_time_while_a_device_does_not_read() {
     .await;
     let admin = proc.admin().await;
     let (mut good, _) = proc.device(&admin, "good").await;
+    let port = proc.port();
     let good_reader = tokio::spawn(async move { close_code(&mut good).await });
 
     // A device with a small receive buffer that reads its accept frame and nothing more.
@@ -462,7 +482,7 @@ async fn sigterm_exits_0_in_time_while_a_device_does_not_read() {
     };
     let stuck_id = first["connectionId"].as_str().unwrap().to_string();
     // Fill its socket: large sends the device never reads.
-    let http = reqwest::Client::new();
+    let http = http();
     let big = json!({"type": "agent.blob", "pad": "x".repeat(256 * 1024)});
     let url = format!("{}/api/core/connection/{stuck_id}/send", proc.base);
     let mut flood = Vec::new();
@@ -535,7 +555,7 @@ async fn a_burst_of_logins_keeps_memory_bounded_and_it_returns() {
     let tmp = TempDir::new().unwrap();
     let data = tmp.path().join("data");
     let proc = serve(tmp.path(), &data).await;
-    let port: u16 = proc.base.rsplit(':').next().unwrap().parse().unwrap();
+    let port = proc.port();
     let pid = proc.child.id();
     let address =
         |i: usize| std::net::Ipv4Addr::new(127, 0, 10 + (i / 250) as u8, 1 + (i % 250) as u8);

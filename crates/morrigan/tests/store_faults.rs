@@ -5,6 +5,8 @@
 //! Needs root (to run the node as `nobody` and to change the permissions under it); otherwise
 //! the test prints a notice and passes.
 
+mod harness;
+
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -51,19 +53,10 @@ impl Proc {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `morrigan serve` as `nobody` on `data`, once `/healthz` answers.
 async fn serve_unprivileged(tmp: &Path, data: &Path) -> Proc {
-    let port = free_port();
     let log = tmp.join("serve.log");
-    let child = Command::new("setpriv")
+    let mut child = Command::new("setpriv")
         .args([
             &format!("--reuid={UID}"),
             &format!("--regid={UID}"),
@@ -71,7 +64,7 @@ async fn serve_unprivileged(tmp: &Path, data: &Path) -> Proc {
             env!("CARGO_BIN_EXE_morrigan"),
             "serve",
             "--listen",
-            &format!("127.0.0.1:{port}"),
+            "127.0.0.1:0",
             "--data-dir",
             data.to_str().unwrap(),
         ])
@@ -87,12 +80,18 @@ async fn serve_unprivileged(tmp: &Path, data: &Path) -> Proc {
         .env_remove("MORRIGAN_DATABASE_URL")
         .spawn()
         .expect("start morrigan through setpriv");
+    let addr = harness::wait_serving(
+        &log,
+        || child.try_wait().ok().flatten().map(|s| s.to_string()),
+        WAIT,
+    )
+    .await;
     let mut proc = Proc {
         child,
-        base: format!("http://127.0.0.1:{port}"),
+        base: format!("http://{addr}"),
         log,
     };
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder().timeout(WAIT).build().unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         if let Ok(Some(status)) = proc.child.try_wait() {
@@ -134,7 +133,7 @@ async fn sqlite_writes_recover_once_the_data_directory_is_writable_again() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !root || !setpriv {
-        eprintln!("notice: needs root and setpriv to run the node as nobody; skipping");
+        harness::skip("needs root and setpriv to run the node as nobody");
         return;
     }
     let tmp = tempfile::TempDir::new().unwrap();

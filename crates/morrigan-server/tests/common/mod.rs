@@ -7,6 +7,10 @@
 
 #![allow(dead_code)]
 
+mod skip;
+#[allow(unused_imports)]
+pub use skip::{service_url, skip};
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -485,13 +489,39 @@ impl Device {
         next_close(&mut self.ws).await
     }
 
-    /// Proves the socket is open and served: a `client.state` round trip through the server
-    /// (an unknown message type is answered with an error frame, which needs a live session).
-    pub async fn assert_served(&mut self) {
-        self.send_json(&json!({"type": "connection.probe"})).await;
-        let reply = self.next_json().await;
-        assert_eq!(reply["type"], "connection.error", "{reply}");
-        assert_eq!(reply["messageType"], "connection.probe", "{reply}");
+    /// Proves the socket is open and served both ways, by what a user sees: a `client.state`
+    /// the device sends is handled (the client record shows it; a refusal would arrive as a
+    /// `connection.error` frame and fail the next step), and an operator's send through
+    /// `node` arrives on the socket, exactly as sent and before anything else.
+    pub async fn assert_served(&mut self, node: &Node) {
+        static PROBE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = PROBE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let state = format!("served-{n}");
+        self.send_json(&json!({"type": "client.state", "state": state}))
+            .await;
+        let path = format!("/api/core/client/{}", self.client_id);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (status, client) = node.get(&path, &node.admin).await;
+            assert_eq!(status, 200, "client {}: {client}", self.client_id);
+            if client["state"] == state.as_str() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the client.state {state} of {} was not handled: {client}",
+                self.client_id
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let message = json!({"type": "connection.served", "probe": n});
+        let (status, body) = node.send(&self.id, &message).await;
+        assert_eq!(status, 200, "send to {}: {body}", self.id);
+        assert_eq!(
+            self.next_json().await,
+            message,
+            "the operator's send arrives"
+        );
     }
 }
 

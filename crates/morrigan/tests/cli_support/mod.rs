@@ -31,14 +31,6 @@ fn clean_command(program: &str) -> Command {
     cmd
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Polls `check` every 100 ms until it gives `Some`, at most [`WAIT`].
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
@@ -71,9 +63,11 @@ pub async fn wait_exit(child: &mut Child, what: &str) -> ExitStatus {
         .unwrap()
 }
 
-/// `morrigan serve` on 127.0.0.1:`port` with its data in `data_dir`.
+/// `morrigan serve` on 127.0.0.1 with its data in `data_dir`.
 pub struct Server {
     child: Child,
+    /// The port it bound (it listens on `127.0.0.1:0` first, and keeps the port across
+    /// [`Server::restart`]).
     pub port: u16,
     pub url: String,
     data_dir: PathBuf,
@@ -81,18 +75,18 @@ pub struct Server {
 }
 
 impl Server {
+    /// A server on a port of its own choosing (`--listen 127.0.0.1:0`).
     pub async fn start(data_dir: &Path) -> Server {
-        Self::start_on(data_dir, free_port()).await
+        Self::start_on(data_dir, 0).await
     }
 
+    /// A server on `127.0.0.1:port` (0: any free port); returns once it serves.
     pub async fn start_on(data_dir: &Path, port: u16) -> Server {
-        let log = data_dir.with_extension(format!("{port}.log"));
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = clean_command(BIN)
+        static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = data_dir.with_extension(format!("serve-{n}.log"));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut child = clean_command(BIN)
             .args([
                 "serve",
                 "--listen",
@@ -107,10 +101,22 @@ impl Server {
             .stderr(log_file)
             .spawn()
             .unwrap();
-        let url = format!("http://127.0.0.1:{port}");
+        let addr = crate::harness::wait_serving(
+            &log,
+            || {
+                child
+                    .try_wait()
+                    .ok()
+                    .flatten()
+                    .map(|status| status.to_string())
+            },
+            WAIT,
+        )
+        .await;
+        let url = format!("http://{addr}");
         let server = Server {
             child,
-            port,
+            port: addr.port(),
             url: url.clone(),
             data_dir: data_dir.to_path_buf(),
             log,
@@ -132,7 +138,9 @@ impl Server {
         assert!(status.success(), "server exit: {status}");
     }
 
-    /// Stops and starts again on the same port and data directory.
+    /// Stops and starts again on the same port and data directory (the agent under test knows
+    /// only that URL). The port is this server's own until the stop, so only a process binding
+    /// it in the instant between could take it.
     pub async fn restart(self) -> Server {
         let (data_dir, port) = (self.data_dir.clone(), self.port);
         self.stop().await;

@@ -1,5 +1,6 @@
 //! Shared by the cluster tests: `morrigan serve` processes on a fresh PostgreSQL database, and
-//! what an operator and a device do against them over HTTP and WebSocket.
+//! what an operator and a device do against them over HTTP and WebSocket. Every node listens on
+//! `127.0.0.1:0` and is found at the address its log names; every wait is bounded.
 
 #![allow(dead_code)]
 
@@ -15,19 +16,21 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-pub const PASSWORD: &str = "cluster-admin-pw";
+pub use crate::harness::service_url;
 
-pub fn service_url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            if std::env::var("MORRIGAN_TEST_REQUIRE_SERVICES").is_ok() {
-                panic!("{var} is required (MORRIGAN_TEST_REQUIRE_SERVICES is set)");
-            }
-            eprintln!("notice: {var} not set; skipping this cluster test");
-            None
-        }
-    }
+pub const PASSWORD: &str = "cluster-admin-pw";
+/// Bound on a node's start, generous: three nodes may start at once on a loaded 2-core machine
+/// while another cluster test runs.
+pub const START_WAIT: Duration = Duration::from_secs(90);
+/// Bound on every HTTP call (a send may take 10 s to answer 504).
+pub const HTTP_WAIT: Duration = Duration::from_secs(30);
+
+/// An HTTP client whose every request is bounded by [`HTTP_WAIT`].
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(HTTP_WAIT)
+        .build()
+        .expect("http client")
 }
 
 /// Drops the run's database (after its nodes are gone).
@@ -61,13 +64,6 @@ pub async fn fresh_database(base: &str) -> String {
     url.to_string()
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 pub struct Node {
     pub child: Child,
     pub url: String,
@@ -84,12 +80,11 @@ impl Node {
     /// there replace the test defaults).
     pub async fn start_with(database: &str, nats: Option<&str>, extra: &[&str]) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
         let log = dir.path().join("node.log");
         let out = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_morrigan"));
         cmd.arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(["--database-url", database])
@@ -108,26 +103,48 @@ impl Node {
             }
         }
         cmd.args(extra);
-        let child = cmd.spawn().expect("spawn morrigan serve");
-        let node = Node {
+        let mut child = cmd.spawn().expect("spawn morrigan serve");
+        let deadline = tokio::time::Instant::now() + START_WAIT;
+        let addr = crate::harness::wait_serving(
+            &log,
+            || child.try_wait().ok().flatten().map(|s| s.to_string()),
+            START_WAIT,
+        )
+        .await;
+        let mut node = Node {
             child,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("http://{addr}"),
             log,
             _dir: dir,
         };
-        let http = reqwest::Client::new();
-        for _ in 0..200 {
+        let http = http();
+        loop {
             if let Ok(r) = http.get(format!("{}/healthz", node.url)).send().await
                 && r.status().is_success()
             {
                 return node;
             }
+            if let Ok(Some(status)) = node.child.try_wait() {
+                panic!("node exited ({status}): {}", node.log_text());
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node did not become healthy within {START_WAIT:?}: {}",
+                node.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!(
-            "node did not become healthy: {}",
-            std::fs::read_to_string(&node.log).unwrap_or_default()
-        );
+    }
+
+    /// `n` nodes started at once (each waits for its own start, bounded).
+    pub async fn start_many(
+        n: usize,
+        database: &str,
+        nats: Option<&str>,
+        extra: &[&str],
+    ) -> Vec<Node> {
+        futures_util::future::join_all((0..n).map(|_| Self::start_with(database, nats, extra)))
+            .await
     }
 
     /// Sends `sig` (e.g. `-STOP`, `-CONT`) to the node's process.
@@ -154,6 +171,39 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Polls `check` every 100 ms until it gives `Some`, at most `within`.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `GET /api/core/node` on `node`: every node of the cluster.
+pub async fn nodes(http: &reqwest::Client, node: &Node, user: &str) -> Vec<Value> {
+    let list: Value = http
+        .get(format!("{}/api/core/node", node.url))
+        .bearer_auth(user)
+        .send()
+        .await
+        .expect("nodes")
+        .json()
+        .await
+        .expect("nodes body");
+    list.as_array().expect("an array of nodes").clone()
 }
 
 pub async fn login(http: &reqwest::Client, node: &Node) -> String {
@@ -225,7 +275,9 @@ pub async fn ws_connect_at(
     let mut req = url.into_client_request()?;
     req.headers_mut()
         .insert("Origin", token.parse().expect("header value"));
-    let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+    let (ws, _) = tokio::time::timeout(HTTP_WAIT, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("the WebSocket handshake answered in time")?;
     Ok(ws)
 }
 
