@@ -164,6 +164,20 @@ async fn event_stream_reports_missed_heartbeats() {
 }
 
 #[tokio::test]
+async fn a_device_that_never_answers_is_reported_missed_before_it_is_closed() {
+    // No pong at all: the first unanswered ping marks it missed, the second closes it, in that
+    // order whatever the ticks' delays.
+    let node = Node::start_with(|c| c.heartbeat_interval = Duration::from_secs(1)).await;
+    let mut events = Events::open(&node, &node.admin).await;
+    let device = node.device("mute-device").await;
+    events.until("connected", &device.id).await;
+    events.until("heartbeat-missed", &device.id).await;
+    let closed = events.until("disconnected", &device.id).await;
+    assert_eq!(closed["code"], 4002);
+    drop(device);
+}
+
+#[tokio::test]
 async fn event_stream_needs_a_user_token_with_api() {
     let node = Node::start().await;
     let (status, _) = node

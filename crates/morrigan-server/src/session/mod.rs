@@ -275,7 +275,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     control: &Control,
 ) -> End {
     let period = state.config.heartbeat_interval;
-    let period_ms = i64::try_from(period.as_millis()).unwrap_or(i64::MAX);
+    // Pings sent since the last pong: one unanswered marks the connection not alive, two close
+    // it (counted, not timed, so that a late tick cannot skip the first verdict).
+    let mut unanswered: u32 = 0;
     let write_timeout = state.config.effective_write_timeout();
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -347,6 +349,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         None,
                     ))),
                     Message::Pong(_) => {
+                        unanswered = 0;
                         liveness.last_pong_ms.store(now_ms(), Ordering::Release);
                         liveness.alive.store(true, Ordering::Release);
                         state.heartbeats.mark(&ctx.connection_id, liveness);
@@ -392,18 +395,21 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     continue;
                 }
                 let silent = now_ms() - liveness.last_pong_ms.load(Ordering::Acquire);
-                if silent > 2 * period_ms {
+                if unanswered >= 2 {
                     tracing::info!(silent_ms = silent, "heartbeat missed twice; closing");
                     Box::pin(wire.close(close::HEARTBEAT_TIMEOUT, "heartbeat missed twice", CLOSE_WAIT)).await;
                     break End::new(close::HEARTBEAT_TIMEOUT, "heartbeat missed twice");
                 }
-                if silent > period_ms + period_ms / 4 && liveness.alive.swap(false, Ordering::AcqRel) {
+                if unanswered >= 1 && liveness.alive.swap(false, Ordering::AcqRel) {
                     tracing::info!(silent_ms = silent, "heartbeat missed");
                     state.heartbeats.mark(&ctx.connection_id, liveness);
                     for hook in &state.hooks {
                         hook.heartbeat_missed(&ctx.connection_id, &ctx.client_id).await;
                     }
                 }
+                // A ping stuck behind unread data counts as unanswered too: a device that does not
+                // read is judged as one that does not answer.
+                unanswered += 1;
                 match wire.append(Message::Ping(Default::default())) {
                     // Behind unread data: the write deadline decides.
                     Ok(()) | Err(AppendError::Full) => {}
