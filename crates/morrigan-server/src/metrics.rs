@@ -11,12 +11,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use dashmap::DashMap;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
-
-use crate::bus::{Bus, BusCommand, BusError, BusReply};
 
 /// Open WebSockets held by the node (gauge; label `node`).
 pub const CONNECTIONS_OPEN: &str = "morrigan_connections_open";
@@ -351,69 +348,6 @@ impl Metrics {
             &[("node", &self.node), ("reason", reason)],
         )
         .increment(1);
-    }
-}
-
-/// The `reason` label of a token verification failure.
-pub fn token_error_reason(e: &crate::tokens::TokenError) -> &'static str {
-    use crate::tokens::TokenError;
-    match e {
-        TokenError::Malformed => "malformed",
-        TokenError::UnknownKey => "unknown_key",
-        TokenError::Invalid => "invalid",
-        TokenError::Expired => "expired",
-        TokenError::Store(_) => "store_error",
-    }
-}
-
-/// Times every bus call.
-pub struct MeteredBus {
-    pub inner: Arc<dyn Bus>,
-    pub metrics: Arc<Metrics>,
-}
-
-#[async_trait]
-impl Bus for MeteredBus {
-    async fn request(
-        &self,
-        node_id: &str,
-        command: BusCommand,
-        timeout: Duration,
-    ) -> Result<BusReply, BusError> {
-        let started = Instant::now();
-        let r = self.inner.request(node_id, command, timeout).await;
-        let outcome = match &r {
-            Ok(BusReply::Ok) => "ok",
-            Ok(_) => "refused",
-            Err(BusError::NoRoute(_)) => "no_route",
-            Err(BusError::Timeout(_)) => "timeout",
-            Err(BusError::Unavailable) => "unavailable",
-            Err(BusError::Transport(_)) => "error",
-        };
-        self.metrics
-            .bus_duration("request", outcome, started.elapsed());
-        r
-    }
-
-    async fn publish_event(&self, event: &str) -> Result<(), BusError> {
-        let started = Instant::now();
-        let r = self.inner.publish_event(event).await;
-        let outcome = if r.is_ok() { "ok" } else { "error" };
-        self.metrics
-            .bus_duration("publish", outcome, started.elapsed());
-        r
-    }
-
-    fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
-        self.inner.subscribe_events()
-    }
-
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-
-    fn alone(&self) -> bool {
-        self.inner.alone()
     }
 }
 

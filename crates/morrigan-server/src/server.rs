@@ -233,7 +233,7 @@ impl ServerBuilder {
             }
         };
         tracing::info!(bus = bus.name(), "cluster bus ready");
-        let bus: Arc<dyn Bus> = Arc::new(crate::metrics::MeteredBus {
+        let bus: Arc<dyn Bus> = Arc::new(crate::bus::metered::MeteredBus {
             inner: bus,
             metrics: metrics.clone(),
         });

@@ -57,6 +57,19 @@ pub enum TokenError {
     Store(#[from] StoreError),
 }
 
+impl TokenError {
+    /// The refusal reason as metrics label it (a fixed set).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TokenError::Malformed => "malformed",
+            TokenError::UnknownKey => "unknown_key",
+            TokenError::Invalid => "invalid",
+            TokenError::Expired => "expired",
+            TokenError::Store(_) => "store_error",
+        }
+    }
+}
+
 /// Failure to load or create the node's signing key.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -299,7 +312,7 @@ impl Tokens {
     pub async fn verify(&self, token: &str, aud: &str) -> Result<Claims, TokenError> {
         let result = self.verify_inner(token, aud).await;
         if let (Err(e), Some(m)) = (&result, &self.metrics) {
-            m.token_refused(kind_label(aud), crate::metrics::token_error_reason(e));
+            m.token_refused(kind_label(aud), e.reason());
         }
         result
     }

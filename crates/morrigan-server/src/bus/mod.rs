@@ -19,6 +19,7 @@
 //! nodes' clocks agree to well within [`rpc::RECEIPT_WINDOW`] (NTP does).
 
 pub mod local;
+pub(crate) mod metered;
 pub mod nats;
 pub mod postgres;
 pub(crate) mod rpc;
