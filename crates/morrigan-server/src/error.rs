@@ -71,27 +71,6 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl From<crate::ticket::SendError> for ApiError {
-    fn from(e: crate::ticket::SendError) -> Self {
-        use crate::ticket::SendError;
-        match e {
-            SendError::NotHere | SendError::Closed(None) => {
-                ApiError::conflict("Connection closed before the message was written.")
-            }
-            SendError::Closed(Some(code)) => ApiError::conflict(format!(
-                "Connection closed ({code} {}) before the message was written.",
-                morrigan_protocol::close::reason_name(code)
-            )),
-            SendError::NotTaken => ApiError::timeout(
-                "The connection did not take the message in time; it was not delivered and will not be.",
-            ),
-            SendError::WriteTimeout => ApiError::timeout(
-                "The device did not read within the write timeout; its connection was closed (4008).",
-            ),
-        }
-    }
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {

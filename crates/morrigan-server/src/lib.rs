@@ -18,12 +18,15 @@
 //! * [`store`]: the persistence trait and one file per backend.
 //! * [`metrics`], [`events`]: Prometheus metrics and the connection event stream.
 
+pub mod admission;
 pub mod auth;
 pub mod bus;
-pub mod cluster;
 pub mod config;
+pub mod credentials;
+pub mod delivery;
 pub mod error;
 pub mod events;
+pub mod forwarded;
 mod fsutil;
 pub mod heartbeat;
 pub mod hooks;

@@ -25,8 +25,9 @@ use crate::bus::local::LocalBus;
 use crate::bus::nats::NatsBus;
 use crate::bus::postgres::PgBus;
 use crate::bus::{Bus, BusConfig, CommandHandler};
-use crate::cluster::HubCommands;
 use crate::config::Config;
+use crate::credentials::Credentials;
+use crate::delivery::HubCommands;
 use crate::hooks::Hooks;
 use crate::hub::Hub;
 use crate::lease::Lease;
@@ -247,23 +248,30 @@ impl ServerBuilder {
         hooks.extend(self.hooks);
         let (heartbeats, heartbeat_rx) = crate::heartbeat::queue();
         let records = crate::records::Records::start(store.clone());
+        let credentials = Arc::new(Credentials::new(tokens, store.clone(), &config));
+        let hooks: Arc<[Arc<dyn Hooks>]> = hooks.into();
+        let services = Arc::new(crate::providers::Services {
+            store: store.clone(),
+            credentials: credentials.clone(),
+            hooks: hooks.clone(),
+        });
         let state = AppState(Arc::new(Inner {
             config,
             node_id: Arc::from(node_id.as_str()),
             base_url,
             store,
-            tokens,
+            credentials,
             hub,
             lease,
             bus,
             providers: self.providers,
             hooks,
+            services,
             embedder_hooks,
             heartbeats,
             records,
             metrics,
             admission,
-            user_cache: Default::default(),
             passwords,
             login_throttle: Default::default(),
             owners: Default::default(),

@@ -13,7 +13,6 @@ use crate::hooks::Hooks;
 use crate::hub::Hub;
 use crate::providers::Providers;
 use crate::store::Store;
-use crate::tokens::Tokens;
 
 /// Cheaply cloneable handle to the node's state.
 #[derive(Clone)]
@@ -26,7 +25,8 @@ pub struct Inner {
     /// Base of report URLs (`http(s)://host:port`).
     pub base_url: String,
     pub store: Arc<dyn Store>,
-    pub tokens: Tokens,
+    /// Issues and records every token; verifies operator sessions.
+    pub credentials: Arc<crate::credentials::Credentials>,
     /// This node's sockets (shared with the bus, which applies remote commands to it).
     pub hub: Arc<Hub>,
     /// Whether this node may act (see [`crate::lease`]).
@@ -34,23 +34,23 @@ pub struct Inner {
     /// Reaches the node holding a socket that is not here.
     pub bus: Arc<dyn Bus>,
     pub providers: Providers,
-    pub hooks: Vec<Arc<dyn Hooks>>,
+    pub hooks: Arc<[Arc<dyn Hooks>]>,
+    /// What message providers may use (see [`crate::providers::Services`]).
+    pub services: Arc<crate::providers::Services>,
     /// Whether the embedder registered hooks (the built-in observer never refuses a
     /// connection): only then does an upgrade read the pending record for `authenticate`.
     pub embedder_hooks: bool,
     pub heartbeats: HeartbeatQueue,
     /// Writes closed records and heartbeats, retrying those the store did not take.
     pub records: crate::records::Records,
-    /// Recently verified user tokens (see [`crate::auth::UserCache`]).
-    pub user_cache: crate::auth::UserCache,
     /// Every argon2 computation runs here, a few at a time (see [`crate::passwords`]).
     pub passwords: Arc<crate::passwords::Passwords>,
     /// Failed logins per address and per name (see [`crate::throttle`]).
     pub login_throttle: crate::throttle::LoginThrottle,
-    /// The node of each remote connection this node has sent to (see [`crate::cluster::route`]).
+    /// The node of each remote connection this node has sent to (see [`crate::delivery::route`]).
     pub owners: dashmap::DashMap<String, Arc<str>>,
-    /// The other nodes' leases and recent silence (see [`crate::cluster::Peers`]).
-    pub peers: crate::cluster::Peers,
+    /// The other nodes' leases and recent silence (see [`crate::delivery::Peers`]).
+    pub peers: crate::delivery::Peers,
     /// This node's Prometheus registry (`GET /metrics`).
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The counts and caps of the sockets this node holds.

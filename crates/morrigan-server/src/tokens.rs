@@ -33,7 +33,7 @@ use jsonwebtoken::{Algorithm, Header};
 use morrigan_protocol::api::{Claims, audience};
 use std::collections::HashMap;
 
-use crate::store::{SigningKeyRow, Store, StoreError};
+use crate::store::{SigningKeyRow, Store, StoreError, TokenKind, TokenRow};
 
 /// Clock skew tolerated on `exp`/`iat`, in seconds. jsonwebtoken's default (60 s) would double
 /// a 60-second connection token, so it is set explicitly.
@@ -67,6 +67,15 @@ impl TokenError {
             TokenError::Expired => "expired",
             TokenError::Store(_) => "store_error",
         }
+    }
+}
+
+/// The record of a token just issued: its claims and the digest of its text, so that only
+/// this exact text is accepted as it (see [`digest`]).
+pub fn token_row(kind: TokenKind, issued: &Issued) -> TokenRow {
+    TokenRow {
+        digest: Some(digest(&issued.token)),
+        ..TokenRow::from_claims(kind, &issued.claims)
     }
 }
 

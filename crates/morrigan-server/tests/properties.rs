@@ -423,7 +423,11 @@ fn the_client_address_is_the_peer_or_a_hop_a_trusted_proxy_names() {
 
     let mut structured = runner(1000);
     let result = structured.run(&(peer(), forwarding()), |(peer, fwd)| {
-        let got = morrigan_server::cluster::client_address(&state, peer, &fwd.headers());
+        let got = morrigan_server::forwarded::client_address(
+            &state.config.trusted_proxies,
+            peer,
+            &fwd.headers(),
+        );
         prop_assert_eq!(
             got,
             fwd.expected(peer.ip()).to_string(),
@@ -447,7 +451,8 @@ fn the_client_address_is_the_peer_or_a_hop_a_trusted_proxy_names() {
                 h.append(name, v);
             }
         }
-        let got = morrigan_server::cluster::client_address(&state, peer, &h);
+        let got =
+            morrigan_server::forwarded::client_address(&state.config.trusted_proxies, peer, &h);
         let ip: IpAddr = got.parse().map_err(|_| TestCaseError::fail(got.clone()))?;
         if !trusted(&peer.ip()) {
             prop_assert_eq!(ip, peer.ip());

@@ -55,7 +55,7 @@ impl Provider for CapabilityProvider {
             tracing::debug!(client = %ctx.client_id, name = %c.name, version = %c.version, messages = c.messages.len(), "capability reported");
         }
         if !ctx
-            .state
+            .services
             .store
             .set_capabilities(&ctx.client_id, &text, &time_format::now())
             .await?

@@ -2,13 +2,12 @@
 //! `client.token.refresh` (a new identity token, recorded so that deprovisioning revokes it).
 
 use async_trait::async_trait;
-use morrigan_protocol::api::audience;
 use morrigan_protocol::message::types;
 use morrigan_protocol::time_format;
 use serde_json::{Value, json};
 
 use super::{HandlerError, MessageContext, Provider};
-use crate::store::{TokenKind, TokenRow};
+use crate::credentials::CredentialError;
 
 /// Longest `client.state` value stored.
 pub const MAX_STATE_LEN: usize = 128;
@@ -56,7 +55,7 @@ impl Provider for ClientProvider {
                 }
                 tracing::info!(client = %ctx.client_id, state, "client reported state");
                 if !ctx
-                    .state
+                    .services
                     .store
                     .set_client_state(&ctx.client_id, state, &time_format::now())
                     .await?
@@ -65,32 +64,29 @@ impl Provider for ClientProvider {
                         "client is no longer provisioned".into(),
                     ));
                 }
-                for hook in &ctx.state.hooks {
+                for hook in ctx.services.hooks.iter() {
                     hook.client_state(&ctx.connection_id, &ctx.client_id, state)
                         .await;
                 }
                 Ok(None)
             }
             "token.refresh" => {
-                let s = &ctx.state;
-                // The client may have been deprovisioned while connected (the original
-                // re-issued anyway: S4, C7).
-                if s.store.client(&ctx.client_id).await?.is_none() {
+                let services = &ctx.services;
+                // The client may have been deprovisioned while connected: no new token then.
+                if services.store.client(&ctx.client_id).await?.is_none() {
                     return Err(HandlerError::Invalid(
                         "client is no longer provisioned".into(),
                     ));
                 }
-                let issued = issue_identity_token(s, &ctx.client_id).await?;
-                // Older tokens keep working for a grace period only.
-                let grace = time::OffsetDateTime::now_utc() + s.config.refresh_grace;
-                s.store
-                    .shorten_tokens(
-                        TokenKind::Identity,
-                        &ctx.client_id,
-                        &issued.claims.jti,
-                        &time_format::format(grace),
-                    )
-                    .await?;
+                let issued =
+                    services
+                        .credentials
+                        .refresh(&ctx.client_id)
+                        .await
+                        .map_err(|e| match e {
+                            CredentialError::Store(e) => HandlerError::from(e),
+                            other => HandlerError::Failed(other.to_string()),
+                        })?;
                 let expires = time::OffsetDateTime::from_unix_timestamp(issued.claims.exp)
                     .map(time_format::format)
                     .unwrap_or_default();
@@ -104,27 +100,4 @@ impl Provider for ClientProvider {
             _ => Err(HandlerError::UnknownMessage),
         }
     }
-}
-
-/// Issues an identity token for `client_id`, records it, and makes it the client's current one.
-pub async fn issue_identity_token(
-    s: &crate::state::AppState,
-    client_id: &str,
-) -> Result<crate::tokens::Issued, HandlerError> {
-    let issued = s
-        .tokens
-        .issue(
-            audience::IDENTITY,
-            client_id,
-            s.config.identity_token_ttl.as_secs(),
-            None,
-        )
-        .map_err(|e| HandlerError::Failed(e.to_string()))?;
-    s.store
-        .insert_token(&TokenRow::issued(TokenKind::Identity, &issued))
-        .await?;
-    s.store
-        .set_client_token(client_id, &issued.claims.jti, &time_format::now())
-        .await?;
-    Ok(issued)
 }

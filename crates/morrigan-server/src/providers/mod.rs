@@ -15,13 +15,22 @@ use async_trait::async_trait;
 use morrigan_protocol::message::Capability;
 use serde_json::Value;
 
-use crate::state::AppState;
+use crate::credentials::Credentials;
+use crate::hooks::Hooks;
+use crate::store::Store;
 
-/// Where a message came from.
+/// The node's services a provider may use, shared by every connection of the node.
+pub struct Services {
+    pub store: Arc<dyn Store>,
+    pub(crate) credentials: Arc<Credentials>,
+    pub(crate) hooks: Arc<[Arc<dyn Hooks>]>,
+}
+
+/// Where a message came from, and what its handler may use.
 pub struct MessageContext {
     pub connection_id: Arc<str>,
     pub client_id: Arc<str>,
-    pub state: AppState,
+    pub services: Arc<Services>,
 }
 
 /// Why a provider did not handle a message. The connection stays open in every case; the peer

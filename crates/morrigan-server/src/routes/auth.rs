@@ -4,8 +4,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use axum::Json;
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use morrigan_protocol::api::{LoginRequest, TokenResponse, audience};
+use axum::http::StatusCode;
+use morrigan_protocol::api::{LoginRequest, TokenResponse};
 use morrigan_protocol::records::Identity;
 use morrigan_protocol::time_format;
 use serde::Deserialize;
@@ -14,11 +14,12 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::ApiJson;
-use crate::auth::{self, User, functions};
+use super::extract::{ClientAddress, User};
+use crate::auth::{self, functions};
 use crate::error::{ApiError, ApiResult};
 use crate::passwords::HashError;
 use crate::state::AppState;
-use crate::store::{IdentityChange, IdentityRow, TokenKind, TokenRow};
+use crate::store::{IdentityChange, IdentityRow};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -39,23 +40,6 @@ fn public(row: &IdentityRow) -> Identity {
 
 fn identity_body(row: &IdentityRow) -> Json<Value> {
     Json(json!({"state": "success", "identity": public(row)}))
-}
-
-/// Issues a user token for `identity_id` and records it (revocable).
-pub async fn issue_user_token(s: &AppState, identity_id: &str) -> ApiResult<String> {
-    let issued = s
-        .tokens
-        .issue(
-            audience::USER,
-            identity_id,
-            s.config.user_token_ttl.as_secs(),
-            None,
-        )
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    s.store
-        .insert_token(&TokenRow::issued(TokenKind::User, &issued))
-        .await?;
-    Ok(issued.token)
 }
 
 fn invalid_login() -> ApiError {
@@ -80,7 +64,7 @@ fn invalid_login() -> ApiError {
 async fn login(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    ClientAddress(client): ClientAddress,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> ApiResult<Json<TokenResponse>> {
     if req.name.is_empty() {
@@ -93,9 +77,7 @@ async fn login(
         s.metrics.login_failed("password");
         return Err(invalid_login());
     }
-    let address = crate::cluster::client_address(&s, peer, &headers)
-        .parse::<IpAddr>()
-        .unwrap_or(peer.ip());
+    let address = client.parse::<IpAddr>().unwrap_or(peer.ip());
     let attempt = s
         .login_throttle
         .attempt(address, &req.name)
@@ -122,7 +104,14 @@ async fn login(
         return Err(invalid_login());
     };
     attempt.succeeded();
-    let token = issue_user_token(&s, &row.id).await?;
+    let token = s
+        .credentials
+        .issue_user(&row.id)
+        .await
+        .map_err(|e| match e {
+            crate::credentials::CredentialError::Store(e) => ApiError::from(e),
+            other => ApiError::internal(other.to_string()),
+        })?;
     tracing::info!(identity = %row.name, "login");
     Ok(Json(TokenResponse {
         state: "success".into(),
@@ -302,7 +291,7 @@ async fn apply_patch(
     row.updated = time_format::now();
     let updated = s.store.update_identity(&row, functions::ALL).await;
     // Cached sessions carry the identity's old name and functions.
-    s.user_cache.clear();
+    s.credentials.sessions_changed();
     match updated {
         Ok(IdentityChange::Done) => {}
         Ok(IdentityChange::NotFound) => return Err(ApiError::not_found("No such identity.")),
@@ -318,12 +307,8 @@ async fn apply_patch(
         Err(e) => return Err(e.into()),
     }
     if password_changed {
-        // The original revoked nothing on a password change (S16).
-        s.store
-            .revoke_tokens(TokenKind::User, &row.id, keep_session)
-            .await?;
-        // Again after the revocation, so no request in between re-cached a revoked session.
-        s.user_cache.clear();
+        // A password change ends the identity's other sessions.
+        s.credentials.revoke_sessions(&row.id, keep_session).await?;
     }
     Ok(row)
 }
@@ -406,7 +391,7 @@ async fn delete_identity(
         .ok_or_else(|| ApiError::not_found("No such identity."))?;
     user.may_manage(&row)?;
     let deleted = s.store.delete_identity(&id, functions::ALL).await?;
-    s.user_cache.clear();
+    s.credentials.sessions_changed();
     match deleted {
         IdentityChange::Done => {}
         IdentityChange::NotFound => return Err(ApiError::not_found("No such identity.")),

@@ -7,7 +7,8 @@ use morrigan_protocol::records::ClientCapabilities;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::{User, functions};
+use super::extract::User;
+use crate::auth::functions;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 

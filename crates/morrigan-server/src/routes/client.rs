@@ -11,11 +11,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::ApiJson;
-use crate::auth::{User, functions};
+use super::extract::User;
+use crate::auth::functions;
 use crate::error::{ApiError, ApiResult};
-use crate::providers::client::issue_identity_token;
 use crate::state::AppState;
-use crate::store::{CloseInfo, TokenKind};
+use crate::store::CloseInfo;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -50,12 +50,11 @@ async fn provision(
         ));
     }
     s.store.upsert_client(&req.id, &time_format::now()).await?;
-    let issued = issue_identity_token(&s, &req.id)
+    let issued = s
+        .credentials
+        .provision(&req.id)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
-    s.store
-        .revoke_tokens(TokenKind::Identity, &req.id, Some(&issued.claims.jti))
-        .await?;
     tracing::info!(by = %user.identity.name, client = %req.id, jti = %issued.claims.jti, "client provisioned");
     Ok(Json(issued.token))
 }
@@ -126,7 +125,7 @@ async fn delete_client(
     futures_util::future::join_all(
         closed
             .iter()
-            .map(|record| crate::cluster::close_anywhere(&s, record, close::REVOKED, reason)),
+            .map(|record| crate::delivery::close_anywhere(&s, record, close::REVOKED, reason)),
     )
     .await;
     tracing::info!(by = %user.identity.name, client = %client_id, closed = closed.len(), "client deprovisioned");

@@ -1,7 +1,6 @@
 //! `/api/core/connection`: token exchange, the WebSocket endpoint, records, send and close.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -9,7 +8,7 @@ use axum::extract::{ConnectInfo, Path, Query, State, rejection::QueryRejection};
 use axum::http::header::{AUTHORIZATION, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use morrigan_protocol::api::{StatusResponse, TokenResponse, audience};
+use morrigan_protocol::api::{StatusResponse, TokenResponse};
 use morrigan_protocol::close;
 use morrigan_protocol::message::MessageType;
 use morrigan_protocol::paths::{SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX};
@@ -20,22 +19,15 @@ use serde_json::Value;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::extract::{ClientAddress, User};
 use super::upgrade::{Socket, Upgrade};
-use crate::auth::{User, functions};
-use crate::bus::BusCommand;
-use crate::cluster;
+use crate::admission::{self, Admitted, Refusal};
+use crate::auth::functions;
+use crate::delivery::{self, DeliveryError};
 use crate::error::{ApiError, ApiResult};
-use crate::hub::{Closed, Reservation, SendError};
 use crate::state::AppState;
-use crate::store::{CloseInfo, ConnectionFilter, Proof};
-use crate::tokens::{self, TokenError};
+use crate::store::{CloseInfo, ConnectionFilter};
 
-/// How long a REST send waits for the connection to take its frame. A frame not taken by then
-/// is never written (504); a frame taken is written, or its socket closed, within the write
-/// timeout.
-pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
-/// Slack over the write timeout for the connection task to report a taken frame's outcome.
-const SEND_GRACE: Duration = Duration::from_secs(1);
 /// Largest page of records one list call returns.
 pub const MAX_LIST: u32 = 10_000;
 
@@ -63,14 +55,6 @@ fn identity_refused(reason: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, "authenticationfailed", reason.into())
 }
 
-fn identity_error(e: TokenError, peer: SocketAddr) -> ApiError {
-    if let TokenError::Store(e) = e {
-        return e.into();
-    }
-    tracing::info!(%peer, reason = %e, "identity token refused");
-    identity_refused(format!("Identity token refused: {e}."))
-}
-
 /// Exchanges a device's identity token for a single-use connection token (60 s by default)
 /// whose `reportUrl` claim names the WebSocket endpoint.
 #[utoipa::path(post, path = "/api/core/connection", tag = "connection",
@@ -82,104 +66,37 @@ fn identity_error(e: TokenError, peer: SocketAddr) -> ApiError {
 async fn request_token(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientAddress(address): ClientAddress,
     headers: HeaderMap,
 ) -> ApiResult<Json<TokenResponse>> {
-    let token = identity_token(&headers).ok_or_else(|| {
-        s.tokens.refused(audience::IDENTITY, "missing");
-        ApiError::bad_request("No token provided.")
-    })?;
-    // Read, not yet trusted: the insert below requires the digest recorded when this token was
-    // issued, which proves it is the token a node signed (see tokens.rs).
-    let presented = s
-        .tokens
-        .presented(token, audience::IDENTITY)
+    let token = admission::exchange(&s, identity_token(&headers), address)
         .await
-        .map_err(|e| identity_error(e, peer))?;
-    let claims = &presented.claims;
-    let now_s = time_format::now();
-    let id = uuid::Uuid::new_v4().to_string();
-    let report_url = s.report_url();
-    let ttl = s.config.connection_token_ttl.as_secs();
-    let issued = s
-        .tokens
-        .issue(audience::CONNECTION, &id, ttl, Some(report_url.clone()))
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    let expires = time::OffsetDateTime::from_unix_timestamp(issued.claims.exp)
-        .map(time_format::format)
-        .unwrap_or_default();
-    let record = ConnectionRecord {
-        id: id.clone(),
-        client_id: claims.sub.clone(),
-        server_id: None,
-        token_id: issued.claims.jti.clone(),
-        client_address: Some(cluster::client_address(&s, peer, &headers)),
-        connected: None,
-        alive: false,
-        open: true,
-        last_heartbeat: None,
-        disconnected: None,
-        report_url,
-        created: now_s.clone(),
-        close_code: None,
-        close_reason: None,
-    };
-    // Written before answering, so the device can never connect before its record exists (F8).
-    // One statement checks the identity token's record (and digest) and the client and inserts
-    // the pending record; only a refusal reads which check failed.
-    let token_digest = tokens::digest(&issued.token);
-    let inserted = s
-        .store
-        .issue_connection(
-            &record,
-            &token_digest,
-            &expires,
-            &claims.jti,
-            Proof::Digest(&presented.digest),
-        )
-        .await?;
-    if !inserted {
-        // The rare path: check the signature, then the record, to say why; a token recorded
-        // before digests were kept is let through by its signature and gets its digest.
-        let claims = s
-            .tokens
-            .verify(token, audience::IDENTITY)
-            .await
-            .map_err(|e| identity_error(e, peer))?;
-        let live = s.store.live_token(&claims.jti, &now_s).await?;
-        let Some(live) = live else {
-            s.tokens.refused(audience::IDENTITY, "revoked");
-            return Err(identity_refused("Identity token has been revoked."));
-        };
-        if live.digest.as_ref().is_some_and(|d| d != &presented.digest) {
-            // Signed, live, but not the text recorded for it: cannot happen with our encoder.
-            s.tokens.refused(audience::IDENTITY, "invalid");
-            return Err(identity_refused(
-                "Identity token refused: it is not the token issued.",
-            ));
-        }
-        let legacy = live.digest.is_none()
-            && s.store
-                .issue_connection(
-                    &record,
-                    &token_digest,
-                    &expires,
-                    &claims.jti,
-                    Proof::Signature,
-                )
-                .await?;
-        if !legacy {
-            s.tokens.refused(audience::IDENTITY, "deprovisioned");
-            return Err(identity_refused("Client is no longer provisioned."));
-        }
-        s.store
-            .set_token_digest(&claims.jti, &presented.digest)
-            .await?;
-    }
-    tracing::debug!(client = %claims.sub, connection = %id, "connection token issued");
+        .map_err(|r| exchange_refused(r, peer))?;
     Ok(Json(TokenResponse {
         state: "success".into(),
-        token: issued.token,
+        token,
     }))
+}
+
+/// What a device is told when its exchange is refused: 400 without a token, else 403 (as the
+/// original's devices expect), 503 when the store failed.
+fn exchange_refused(r: Refusal, peer: SocketAddr) -> ApiError {
+    match r {
+        Refusal::Missing => ApiError::bad_request("No token provided."),
+        Refusal::Store(e) => e.into(),
+        Refusal::Internal(e) => ApiError::internal(e),
+        Refusal::Unavailable(why) => ApiError::unavailable(why),
+        Refusal::Token(e) => {
+            tracing::info!(%peer, reason = %e, "identity token refused");
+            identity_refused(format!("Identity token refused: {e}."))
+        }
+        Refusal::Revoked => identity_refused("Identity token has been revoked."),
+        Refusal::NotIssued => {
+            identity_refused("Identity token refused: it is not the token issued.")
+        }
+        Refusal::Deprovisioned => identity_refused("Client is no longer provisioned."),
+        other => identity_refused(format!("Identity token refused: {other}.")),
+    }
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -271,38 +188,19 @@ async fn send(
         .ok_or_else(|| ApiError::bad_request("The message type must be a string."))?;
     MessageType::parse(ty)
         .map_err(|e| ApiError::bad_request(format!("Invalid message type: {e}.")))?;
-    if !s.lease.held() {
-        return Err(ApiError::unavailable(
-            "This node cannot confirm its cluster lease; nothing was delivered. Retry.",
-        ));
-    }
     let started = std::time::Instant::now();
-    let take_by = tokio::time::Instant::now() + SEND_TIMEOUT;
-    let write_bound = s.config.effective_write_timeout() + SEND_GRACE;
-    let result = match s
-        .hub
-        .send(&id, text.to_string(), take_by, write_bound)
-        .await
-    {
-        Ok(()) => Ok(()),
-        Err(SendError::NotHere) => {
-            let command = BusCommand::Send {
-                connection_id: id.clone(),
-                text: text.to_string(),
-            };
-            cluster::route(&s, &id, command).await
-        }
-        Err(e) => Err(e.into()),
-    };
+    let result = delivery::send(&s, &id, text.to_string()).await;
     let outcome = match &result {
         Ok(()) => "ok",
-        Err(e) if e.status == StatusCode::CONFLICT => "closed",
-        Err(e) if e.status == StatusCode::NOT_FOUND => "not_found",
-        Err(e) if e.status == StatusCode::GATEWAY_TIMEOUT => "timeout",
+        Err(DeliveryError::Closed(_) | DeliveryError::NotEstablished) => "closed",
+        Err(DeliveryError::NotFound) => "not_found",
+        Err(DeliveryError::NotTaken | DeliveryError::WriteTimeout | DeliveryError::NoAnswer(_)) => {
+            "timeout"
+        }
         Err(_) => "error",
     };
     s.metrics.send_duration(started, outcome);
-    result?;
+    result.map_err(ApiError::from)?;
     s.metrics.message_out(ty);
     Ok(Json(StatusResponse {
         status: "success".into(),
@@ -340,40 +238,8 @@ async fn close_connection(
             "The reason is longer than 120 bytes.",
         ));
     }
-    if s.hub.close(&id, close::CLOSED_BY_OPERATOR, &reason).await != Closed::NotHere {
-        tracing::info!(by = %user.identity.name, connection = %id, "connection closed by operator");
-        return Ok(Json(StatusResponse {
-            status: "success".into(),
-        }));
-    }
-    // Not held here: a pending record (token issued, unused) can still be closed, which also
-    // invalidates its token.
-    if let Some(r) = s.store.connection(&id).await?
-        && r.open
-        && r.connected.is_none()
-    {
-        let now = time_format::now();
-        s.store
-            .close_connection(
-                &id,
-                &CloseInfo {
-                    at: &now,
-                    code: close::CLOSED_BY_OPERATOR,
-                    reason: &reason,
-                },
-            )
-            .await?;
-        return Ok(Json(StatusResponse {
-            status: "success".into(),
-        }));
-    }
-    let command = BusCommand::Close {
-        connection_id: id.clone(),
-        code: close::CLOSED_BY_OPERATOR,
-        reason,
-    };
-    cluster::route(&s, &id, command).await?;
-    tracing::info!(by = %user.identity.name, connection = %id, "remote connection closed by operator");
+    delivery::close(&s, &id, close::CLOSED_BY_OPERATOR, &reason).await?;
+    tracing::info!(by = %user.identity.name, connection = %id, "connection closed by operator");
     Ok(Json(StatusResponse {
         status: "success".into(),
     }))
@@ -414,25 +280,44 @@ fn connection_token(headers: &HeaderMap) -> Option<(String, Option<HeaderValue>)
     None
 }
 
-fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
-    let state = if status == StatusCode::UNAUTHORIZED {
-        "authenticationfailed"
-    } else {
-        "forbidden"
+/// What a device is told when its upgrade is refused, before any upgrade: 401 without a
+/// token or with an invalid one, 403 for a replay or a hook's refusal, 503 when the node takes
+/// no connections or the store failed.
+fn connect_refused(r: Refusal, peer: SocketAddr) -> ApiError {
+    let refuse = |status: StatusCode, reason: String| {
+        let state = if status == StatusCode::UNAUTHORIZED {
+            "authenticationfailed"
+        } else {
+            "forbidden"
+        };
+        ApiError::new(status, state, reason)
     };
-    ApiError::new(status, state, reason).into_response()
-}
-
-/// A refused connection token: 401 with the reason.
-fn connection_error(e: TokenError, peer: SocketAddr) -> Response {
-    if let TokenError::Store(e) = e {
-        return ApiError::from(e).into_response();
+    match r {
+        Refusal::Missing => refuse(
+            StatusCode::UNAUTHORIZED,
+            "No connection token: send it in 'Origin', 'Authorization: Bearer', or as the \
+             sub-protocol 'morrigan.token.<token>'."
+                .into(),
+        ),
+        Refusal::Token(e) => {
+            tracing::info!(%peer, reason = %e, "connection token refused");
+            refuse(
+                StatusCode::UNAUTHORIZED,
+                format!("Connection token refused: {e}."),
+            )
+        }
+        Refusal::Hook(reason) => refuse(StatusCode::FORBIDDEN, format!("Refused: {reason}")),
+        Refusal::Store(e) => e.into(),
+        Refusal::Unavailable(why) => ApiError::unavailable(why),
+        Refusal::Internal(e) => ApiError::internal(e),
+        Refusal::Replayed | Refusal::Revoked | Refusal::NotIssued | Refusal::Deprovisioned => {
+            tracing::info!(%peer, "connection token replayed or closed");
+            refuse(
+                StatusCode::FORBIDDEN,
+                "Connection token already used or its connection is closed.".into(),
+            )
+        }
     }
-    tracing::info!(%peer, reason = %e, "connection token refused");
-    refuse(
-        StatusCode::UNAUTHORIZED,
-        format!("Connection token refused: {e}."),
-    )
 }
 
 /// The WebSocket endpoint (every connection token's `reportUrl`). The connection token is
@@ -448,6 +333,7 @@ fn connection_error(e: TokenError, peer: SocketAddr) -> Response {
 async fn connect(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientAddress(address): ClientAddress,
     headers: HeaderMap,
     upgrade: Result<Upgrade, ApiError>,
 ) -> Response {
@@ -456,82 +342,16 @@ async fn connect(
         Ok(u) => u,
         Err(e) => return e.into_response(),
     };
-    if s.shutdown.is_cancelled() {
-        return ApiError::unavailable("The node is shutting down.").into_response();
-    }
-    if !s.lease.held() {
-        return ApiError::unavailable("This node cannot confirm its cluster lease; retry.")
-            .into_response();
-    }
-    let Some((token, protocol)) = connection_token(&headers) else {
-        s.tokens.refused(audience::CONNECTION, "missing");
-        return refuse(
-            StatusCode::UNAUTHORIZED,
-            "No connection token: send it in 'Origin', 'Authorization: Bearer', or as the \
-             sub-protocol 'morrigan.token.<token>'.",
-        );
+    let presented = connection_token(&headers);
+    let token = presented.as_ref().map(|(t, _)| t.as_str());
+    let Admitted {
+        record: accepted,
+        reservation,
+    } = match admission::accept(&s, token, &address).await {
+        Ok(a) => a,
+        Err(r) => return connect_refused(r, peer).into_response(),
     };
-    // Without an embedder's hooks the token is read, not yet trusted: the accept below requires
-    // the digest recorded with its record (see tokens.rs). Hooks see the record before that
-    // statement, so with them the signature is checked first, as the accept's proof.
-    let (claims, digest) = if s.embedder_hooks {
-        match s.tokens.verify(&token, audience::CONNECTION).await {
-            Ok(c) => (c, None),
-            Err(e) => return connection_error(e, peer),
-        }
-    } else {
-        match s.tokens.presented(&token, audience::CONNECTION).await {
-            Ok(p) => (p.claims, Some(p.digest)),
-            Err(e) => return connection_error(e, peer),
-        }
-    };
-    // Hooks see the pending record before the token is consumed (F10). Without an embedder's
-    // hooks that read is skipped: the conditional accept below checks everything it would.
-    if s.embedder_hooks {
-        let record = match s.store.connection(&claims.sub).await {
-            Err(e) => return ApiError::from(e).into_response(),
-            Ok(None) => return refuse(StatusCode::FORBIDDEN, "No such connection."),
-            Ok(Some(r)) => r,
-        };
-        if record.token_id != claims.jti || !record.open || record.connected.is_some() {
-            tracing::info!(%peer, connection = %record.id, "connection token replayed or closed");
-            s.tokens.refused(audience::CONNECTION, "replayed");
-            return refuse(
-                StatusCode::FORBIDDEN,
-                "Connection token already used or its connection is closed.",
-            );
-        }
-        for hook in &s.hooks {
-            if let Err(reason) = hook.authenticate(&record).await {
-                s.tokens.refused(audience::CONNECTION, "hook");
-                return refuse(StatusCode::FORBIDDEN, format!("Refused: {reason}"));
-            }
-        }
-    }
-    let now = time_format::now();
-    let address = cluster::client_address(&s, peer, &headers);
-    // Registered in the hub before the token is consumed: a deprovisioning or DELETE that
-    // closes the record after the accept finds this entry and closes the session (see
-    // Hub::reserve). A live connection with this id means a replay.
-    let Some(reservation) = s.hub.reserve(&claims.sub, crate::session::now_ms()) else {
-        // A forged token naming a live connection is refused as forged (401), not as a replay.
-        if let Err(e) = s.tokens.verify(&token, audience::CONNECTION).await {
-            return connection_error(e, peer);
-        }
-        s.tokens.refused(audience::CONNECTION, "replayed");
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "Connection token already used or its connection is closed.",
-        );
-    };
-    let accepted = match accept(&s, &claims, &token, digest.as_deref(), &address, &now, peer).await
-    {
-        Ok(record) => record,
-        Err(refusal) => {
-            release(&s, &claims.sub, reservation).await;
-            return refusal;
-        }
-    };
+    let protocol = presented.and_then(|(_, p)| p);
     let config = tungstenite::protocol::WebSocketConfig::default()
         // Small, because it stays allocated for the socket's life. It bounds one read
         // syscall, not a frame: tungstenite reserves a frame's full length when its header
@@ -581,64 +401,27 @@ async fn connect(
     )
 }
 
-/// Consumes the connection token (see `Store::accept_connection`); the refusal as a response.
-async fn accept(
-    s: &AppState,
-    claims: &morrigan_protocol::api::Claims,
-    token: &str,
-    digest: Option<&str>,
-    address: &str,
-    now: &str,
-    peer: SocketAddr,
-) -> Result<ConnectionRecord, Response> {
-    let proof = digest.map_or(Proof::Signature, Proof::Digest);
-    let mut accepted = s
-        .store
-        .accept_connection(&claims.sub, &claims.jti, proof, &s.node_id, address, now)
-        .await;
-    if matches!(accepted, Ok(None)) && digest.is_some() {
-        // Refused: a forged token, a replay, or a record written before digests were kept. The
-        // signature tells the first apart; the accept, with it as proof, the other two.
-        if let Err(e) = s.tokens.verify(token, audience::CONNECTION).await {
-            return Err(connection_error(e, peer));
+impl From<DeliveryError> for ApiError {
+    fn from(e: DeliveryError) -> Self {
+        let reason = e.to_string();
+        match e {
+            DeliveryError::NotFound => ApiError::not_found(reason),
+            DeliveryError::Closed(Some(code)) => ApiError::conflict(format!(
+                "Connection closed ({code} {}) before the message was written.",
+                close::reason_name(code)
+            )),
+            DeliveryError::Closed(None) | DeliveryError::NotEstablished => {
+                ApiError::conflict(reason)
+            }
+            DeliveryError::NotTaken | DeliveryError::WriteTimeout | DeliveryError::NoAnswer(_) => {
+                ApiError::timeout(reason)
+            }
+            DeliveryError::Store(e) => e.into(),
+            DeliveryError::Unreachable(_)
+            | DeliveryError::BusDown
+            | DeliveryError::Bus(_)
+            | DeliveryError::Fenced
+            | DeliveryError::OwnerFenced => ApiError::unavailable(reason),
         }
-        accepted = s
-            .store
-            .accept_connection(
-                &claims.sub,
-                &claims.jti,
-                Proof::Signature,
-                &s.node_id,
-                address,
-                now,
-            )
-            .await;
     }
-    match accepted {
-        Err(e) => Err(ApiError::from(e).into_response()),
-        Ok(None) => {
-            tracing::info!(%peer, connection = %claims.sub, "connection token replayed or closed");
-            s.tokens.refused(audience::CONNECTION, "replayed");
-            Err(refuse(
-                StatusCode::FORBIDDEN,
-                "Connection token already used or its connection is closed.",
-            ))
-        }
-        Ok(Some(r)) => Ok(r),
-    }
-}
-
-/// The accept failed: the reservation leaves the hub. A close requested meanwhile (a DELETE
-/// of a pending record that found the reservation) is carried out on the record.
-async fn release(s: &AppState, id: &str, reservation: Reservation) {
-    if let Some(req) = reservation.close_requested() {
-        let now = time_format::now();
-        let close = CloseInfo {
-            at: &now,
-            code: req.code,
-            reason: &req.reason,
-        };
-        s.records.close(id, &close).await;
-    }
-    drop(reservation);
 }

@@ -13,7 +13,8 @@ use tokio::sync::broadcast::error::RecvError;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::{User, functions};
+use super::extract::User;
+use crate::auth::functions;
 use crate::error::ApiResult;
 use crate::events::kinds;
 use crate::metrics::Metrics;

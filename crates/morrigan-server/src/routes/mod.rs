@@ -6,6 +6,7 @@ pub mod capability;
 pub mod client;
 pub mod connection;
 pub mod events;
+pub mod extract;
 pub mod limits;
 pub mod node;
 pub mod system;
@@ -13,9 +14,7 @@ pub mod ui;
 pub mod upgrade;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request};
-use serde::de::DeserializeOwned;
+use axum::extract::DefaultBodyLimit;
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
@@ -27,30 +26,7 @@ use utoipa_axum::router::OpenApiRouter;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// A JSON request body. Unlike `axum::Json` it does not insist on a `Content-Type` (the
-/// original's clients do not always send one) and it answers every failure with 400
-/// `{"state":"requestError","reason"}` instead of a framework default such as 415 or 422.
-pub struct ApiJson<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            ApiError::new(
-                e.status(),
-                "requestError",
-                format!("Could not read the body: {e}"),
-            )
-        })?;
-        if bytes.is_empty() {
-            return Err(ApiError::bad_request("A JSON body is required."));
-        }
-        serde_json::from_slice(&bytes)
-            .map(ApiJson)
-            .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))
-    }
-}
+pub use extract::ApiJson;
 
 #[derive(OpenApi)]
 #[openapi(

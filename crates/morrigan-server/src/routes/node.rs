@@ -5,7 +5,8 @@ use axum::extract::State;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::{User, functions};
+use super::extract::User;
+use crate::auth::functions;
 use crate::error::ApiResult;
 use crate::state::AppState;
 use crate::store::NodeRow;

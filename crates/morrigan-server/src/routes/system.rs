@@ -38,5 +38,5 @@ async fn healthz(State(s): State<AppState>) -> (axum::http::StatusCode, Json<ser
 #[utoipa::path(get, path = "/.well-known/jwks.json", tag = "system",
     responses((status = 200, description = "JSON Web Key Set", body = serde_json::Value)))]
 async fn jwks(State(s): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
-    Ok(Json(s.tokens.jwks().await?))
+    Ok(Json(s.credentials.tokens().jwks().await?))
 }

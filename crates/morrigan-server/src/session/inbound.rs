@@ -13,7 +13,9 @@ use morrigan_protocol::message::{ConnectionError, MessageType, error_kinds};
 use serde_json::Value;
 use tungstenite::Utf8Bytes;
 
-use crate::providers::{HandlerError, MessageContext};
+use crate::metrics::Metrics;
+use crate::providers::{HandlerError, MessageContext, Providers};
+use crate::state::AppState;
 
 /// Messages read and waiting for their handler; past this the connection stops reading its
 /// socket until the handler catches up (TCP backpressure on the device, nothing dropped).
@@ -85,13 +87,23 @@ impl<'a> Inbox<'a> {
 
     /// Starts the next message's handler if none runs; returns the answers that are due now
     /// (decided answers queued before that message), in order.
-    pub(super) fn advance(&mut self, ctx: &'a MessageContext, due: &mut Vec<String>) {
+    pub(super) fn advance(
+        &mut self,
+        ctx: &'a MessageContext,
+        state: &'a AppState,
+        due: &mut Vec<String>,
+    ) {
         while self.running.is_none() {
             match self.waiting.pop_front() {
                 None => return,
                 Some(Inbound::Answer(text)) => due.push(text),
                 Some(Inbound::Message(text)) => {
-                    self.running = Some(Box::pin(handle_text(ctx, text)));
+                    self.running = Some(Box::pin(handle_text(
+                        ctx,
+                        &state.providers,
+                        &state.metrics,
+                        text,
+                    )));
                 }
             }
         }
@@ -101,7 +113,12 @@ impl<'a> Inbox<'a> {
 impl<'a> Inbox<'a> {
     /// Runs the handlers of every message still waiting (answers are dropped: the connection
     /// is ending), until `until` at the latest.
-    pub(super) async fn drain(&mut self, ctx: &'a MessageContext, until: tokio::time::Instant) {
+    pub(super) async fn drain(
+        &mut self,
+        ctx: &'a MessageContext,
+        state: &'a AppState,
+        until: tokio::time::Instant,
+    ) {
         let _ = tokio::time::timeout_at(until, async {
             let mut discarded = Vec::new();
             loop {
@@ -109,7 +126,7 @@ impl<'a> Inbox<'a> {
                     running.await;
                     self.running = None;
                 }
-                self.advance(ctx, &mut discarded);
+                self.advance(ctx, state, &mut discarded);
                 discarded.clear();
                 if self.running.is_none() {
                     return;
@@ -129,7 +146,12 @@ pub(super) fn error_frame(
 }
 
 /// Parses, validates and routes one text frame; returns the frame to answer with, if any.
-pub(super) async fn handle_text(ctx: &MessageContext, text: Utf8Bytes) -> Option<String> {
+pub(super) async fn handle_text(
+    ctx: &MessageContext,
+    providers: &Providers,
+    metrics: &Metrics,
+    text: Utf8Bytes,
+) -> Option<String> {
     let value: Value = match serde_json::from_str(text.as_str()) {
         Ok(v) => v,
         Err(e) => {
@@ -166,14 +188,14 @@ pub(super) async fn handle_text(ctx: &MessageContext, text: Utf8Bytes) -> Option
             ));
         }
     };
-    let Some(provider) = ctx.state.providers.get(parsed.provider()) else {
+    let Some(provider) = providers.get(parsed.provider()) else {
         return Some(error_frame(
             error_kinds::UNKNOWN_PROVIDER,
             format!("no provider named '{}'", parsed.provider()),
             Some(&ty),
         ));
     };
-    ctx.state.metrics.message_in(parsed.provider());
+    metrics.message_in(parsed.provider());
     match provider.handle(ctx, parsed.message(), value).await {
         Ok(None) => None,
         Ok(Some(reply)) => serde_json::to_string(&reply).ok(),

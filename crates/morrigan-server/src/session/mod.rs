@@ -146,13 +146,13 @@ async fn run_inner<S>(
             End::new(req.code, req.reason)
         }
         (true, None) => {
-            for hook in &state.hooks {
+            for hook in state.hooks.iter() {
                 hook.connect(&record).await;
             }
             let ctx = MessageContext {
                 connection_id: id.clone(),
                 client_id: client_id.clone(),
-                state: state.clone(),
+                services: state.services.clone(),
             };
             // Not needed past the hooks: its strings would otherwise live as long as the socket.
             drop(record);
@@ -200,7 +200,7 @@ async fn run_inner<S>(
         code: end.code,
         reason: end.reason,
     };
-    for hook in &state.hooks {
+    for hook in state.hooks.iter() {
         hook.disconnect(&event).await;
     }
 }
@@ -259,7 +259,7 @@ async fn supersede(state: &AppState, record: &ConnectionRecord) -> Option<String
         let (st, reason) = (state.clone(), reason.clone());
         tracing::info!(older = %other.id, "superseding an older connection");
         state.sessions.spawn(async move {
-            crate::cluster::close_anywhere(&st, &other, close::SUPERSEDED, &reason).await;
+            crate::delivery::close_anywhere(&st, &other, close::SUPERSEDED, &reason).await;
         });
     }
     newer
@@ -403,7 +403,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 if unanswered >= 1 && liveness.alive.swap(false, Ordering::AcqRel) {
                     tracing::info!(silent_ms = silent, "heartbeat missed");
                     state.heartbeats.mark(&ctx.connection_id, liveness);
-                    for hook in &state.hooks {
+                    for hook in state.hooks.iter() {
                         hook.heartbeat_missed(&ctx.connection_id, &ctx.client_id).await;
                     }
                 }
@@ -417,7 +417,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             },
         }
-        inbox.advance(ctx, &mut due);
+        inbox.advance(ctx, state, &mut due);
         if !state.lease.held() {
             continue;
         }
@@ -434,7 +434,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     };
     // Messages the device sent before the end are still handled (a device that reports its
     // state and closes must see it stored), within a bound; their answers cannot be sent.
-    Box::pin(inbox.drain(ctx, tokio::time::Instant::now() + DRAIN_WAIT)).await;
+    Box::pin(inbox.drain(ctx, state, tokio::time::Instant::now() + DRAIN_WAIT)).await;
     end
 }
 

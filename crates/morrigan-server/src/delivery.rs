@@ -1,21 +1,146 @@
-//! Routing a command to the node that holds a connection, and the client address behind a
-//! trusted proxy.
+//! Delivery: reaching a connection wherever it is. A frame or a close for a connection goes to
+//! this node's hub when the socket is here, else over the bus to exactly the node its record
+//! names; the answer says what happened, never a success that did not happen, and a failure
+//! is never carried out later (the ticket's compare-and-swap here, the bus command's deadlines
+//! there). Also what this node knows of the others ([`Peers`]) and what it does with the
+//! commands the bus brings it ([`HubCommands`]).
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::HeaderMap;
 use morrigan_protocol::records::ConnectionRecord;
 
 use crate::bus::{BusCommand, BusError, BusReply, CommandHandler};
-use crate::error::ApiError;
 use crate::hub::{Closed, Hub, SendError};
 use crate::state::AppState;
+use crate::store::{CloseInfo, StoreError};
 
 /// How long a REST call gives the owning node's connection to take a frame (as for a local
 /// send: see `routes::connection::SEND_TIMEOUT`).
 pub const REMOTE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a send waits for the connection to take its frame. A frame not taken by then is
+/// never written; a frame taken is written, or its socket closed, within the write timeout.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Slack over the write timeout for the connection task to report a taken frame's outcome.
+const SEND_GRACE: Duration = Duration::from_secs(1);
+
+/// Why a frame or a close did not reach its connection. Nothing was delivered, and nothing will
+/// be, unless the variant says the outcome is unknown ([`DeliveryError::NoAnswer`]).
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("No such connection.")]
+    NotFound,
+    /// The connection is closed (with this close code, if known) or closing.
+    #[error("Connection closed.")]
+    Closed(Option<u16>),
+    /// Token issued, socket not open yet.
+    #[error("Connection not established yet (token issued, socket not open).")]
+    NotEstablished,
+    /// The connection did not take the frame before the deadline; it will never be written.
+    #[error(
+        "The connection did not take the message in time; it was not delivered and will not be."
+    )]
+    NotTaken,
+    /// The device did not read the frame within the write timeout; its socket was dropped.
+    #[error("The device did not read within the write timeout; its connection was closed (4008).")]
+    WriteTimeout,
+    /// The owning node acknowledged the command but gave no outcome in time: unknown.
+    #[error("Node '{0}', which holds the connection, did not answer in time.")]
+    NoAnswer(String),
+    /// The owning node is not reachable: nothing was delivered.
+    #[error("Node '{0}', which holds the connection, is not reachable; nothing was delivered.")]
+    Unreachable(String),
+    /// This node's bus is disconnected: nothing was sent.
+    #[error("This node's cluster bus is disconnected; nothing was delivered. Retry later.")]
+    BusDown,
+    #[error("Cluster bus failure: {0}; nothing was delivered.")]
+    Bus(String),
+    /// This node cannot confirm its lease: it delivers nothing.
+    #[error("This node cannot confirm its cluster lease; nothing was delivered. Retry.")]
+    Fenced,
+    /// The owning node cannot confirm its lease: it did nothing.
+    #[error(
+        "The node holding the connection cannot confirm its cluster lease; nothing was delivered."
+    )]
+    OwnerFenced,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<SendError> for DeliveryError {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::NotHere | SendError::Closed(None) => DeliveryError::Closed(None),
+            SendError::Closed(code) => DeliveryError::Closed(code),
+            SendError::NotTaken => DeliveryError::NotTaken,
+            SendError::WriteTimeout => DeliveryError::WriteTimeout,
+        }
+    }
+}
+
+impl From<BusError> for DeliveryError {
+    fn from(e: BusError) -> Self {
+        match e {
+            BusError::Timeout(n) => DeliveryError::NoAnswer(n),
+            BusError::NoRoute(n) => DeliveryError::Unreachable(n),
+            BusError::Unavailable => DeliveryError::BusDown,
+            BusError::Transport(e) => DeliveryError::Bus(e),
+        }
+    }
+}
+
+/// Writes `text` (exactly as given) to connection `id`, wherever it is; `Ok` once it is on the
+/// socket.
+pub async fn send(s: &AppState, id: &str, text: String) -> Result<(), DeliveryError> {
+    if !s.lease.held() {
+        return Err(DeliveryError::Fenced);
+    }
+    let take_by = tokio::time::Instant::now() + SEND_TIMEOUT;
+    let write_bound = s.config.effective_write_timeout() + SEND_GRACE;
+    match s.hub.send(id, text.clone(), take_by, write_bound).await {
+        Ok(()) => Ok(()),
+        Err(SendError::NotHere) => {
+            let command = BusCommand::Send {
+                connection_id: id.to_string(),
+                text,
+            };
+            route(s, id, command).await
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Closes connection `id` with `code` and `reason`, wherever it is; a pending record (token
+/// issued, unused) is closed too, which invalidates its token. `Ok` once the record is closed.
+pub async fn close(s: &AppState, id: &str, code: u16, reason: &str) -> Result<(), DeliveryError> {
+    if s.hub.close(id, code, reason).await != Closed::NotHere {
+        return Ok(());
+    }
+    if let Some(r) = s.store.connection(id).await?
+        && r.open
+        && r.connected.is_none()
+    {
+        let now = morrigan_protocol::time_format::now();
+        s.store
+            .close_connection(
+                id,
+                &CloseInfo {
+                    at: &now,
+                    code,
+                    reason,
+                },
+            )
+            .await?;
+        return Ok(());
+    }
+    let command = BusCommand::Close {
+        connection_id: id.to_string(),
+        code,
+        reason: reason.to_string(),
+    };
+    route(s, id, command).await
+}
 
 /// Carries out bus commands against this node's hub: what the bus hands a command that
 /// reached this node to (the bus never sees the hub).
@@ -65,7 +190,7 @@ impl CommandHandler for HubCommands {
 /// unreachable or this node's bus is down, 504 when it gave no outcome in time). Never reports
 /// success without the owner's answer, and asks the bus once: a failed request is not retried
 /// (its deadlines guarantee the owner will not carry it out later).
-pub async fn route(s: &AppState, id: &str, command: BusCommand) -> Result<(), ApiError> {
+async fn route(s: &AppState, id: &str, command: BusCommand) -> Result<(), DeliveryError> {
     // A connection never changes node, so its owner is remembered after the first lookup: a
     // repeated remote send costs no store read. A stale entry only means the owner answers
     // "not here", and the record decides.
@@ -79,16 +204,13 @@ pub async fn route(s: &AppState, id: &str, command: BusCommand) -> Result<(), Ap
                 .store
                 .connection(id)
                 .await?
-                .ok_or_else(|| ApiError::not_found("No such connection."))?;
+                .ok_or(DeliveryError::NotFound)?;
             let owner = owner_of(s, &record)?;
             Arc::from(owner)
         }
     };
     if !s.peers.reachable(&owner) {
-        return Err(ApiError::unavailable(format!(
-            "Node '{owner}', which holds the connection, is not reachable (lease lapsed or no \
-             answer recently); nothing was delivered."
-        )));
+        return Err(DeliveryError::Unreachable(owner.to_string()));
     }
     match s.bus.request(&owner, command, REMOTE_TIMEOUT).await {
         Ok(BusReply::Ok) => {
@@ -102,8 +224,8 @@ pub async fn route(s: &AppState, id: &str, command: BusCommand) -> Result<(), Ap
             s.owners.remove(id);
             // The owner no longer holds it: the record says whether it is closed or unknown.
             match s.store.connection(id).await? {
-                None => Err(ApiError::not_found("No such connection.")),
-                Some(_) => Err(ApiError::conflict("Connection closed.")),
+                None => Err(DeliveryError::NotFound),
+                Some(_) => Err(DeliveryError::Closed(None)),
             }
         }
         Ok(reply) => answer(reply),
@@ -112,47 +234,28 @@ pub async fn route(s: &AppState, id: &str, command: BusCommand) -> Result<(), Ap
             if matches!(e, BusError::NoRoute(_)) {
                 s.peers.silent(&owner);
             }
-            Err(bus_error(e))
+            Err(e.into())
         }
     }
 }
 
 /// The node holding `record`'s socket, or why there is none.
-fn owner_of<'a>(s: &AppState, record: &'a ConnectionRecord) -> Result<&'a str, ApiError> {
+fn owner_of<'a>(s: &AppState, record: &'a ConnectionRecord) -> Result<&'a str, DeliveryError> {
     if !record.open {
-        return Err(ApiError::conflict("Connection closed."));
+        return Err(DeliveryError::Closed(record.close_code));
     }
     let Some(owner) = record
         .server_id
         .as_deref()
         .filter(|_| record.connected.is_some())
     else {
-        return Err(ApiError::conflict(
-            "Connection not established yet (token issued, socket not open).",
-        ));
+        return Err(DeliveryError::NotEstablished);
     };
     if owner == &*s.node_id {
         // Open in the store, gone from the hub: it is closing right now.
-        return Err(ApiError::conflict("Connection closed."));
+        return Err(DeliveryError::Closed(None));
     }
     Ok(owner)
-}
-
-fn bus_error(e: BusError) -> ApiError {
-    match e {
-        BusError::Timeout(n) => ApiError::timeout(format!(
-            "Node '{n}', which holds the connection, did not answer in time."
-        )),
-        BusError::NoRoute(n) => ApiError::unavailable(format!(
-            "Node '{n}', which holds the connection, is not reachable; nothing was delivered."
-        )),
-        BusError::Unavailable => ApiError::unavailable(
-            "This node's cluster bus is disconnected; nothing was delivered. Retry later.",
-        ),
-        BusError::Transport(e) => {
-            ApiError::unavailable(format!("Cluster bus failure: {e}; nothing was delivered."))
-        }
-    }
 }
 
 /// How long a node that did not acknowledge a command is treated as unreachable without
@@ -217,15 +320,13 @@ impl Peers {
 /// Most remembered owners (bounded: a peer chooses the ids it sends to).
 const MAX_OWNERS: usize = 100_000;
 
-fn answer(reply: BusReply) -> Result<(), ApiError> {
+fn answer(reply: BusReply) -> Result<(), DeliveryError> {
     match reply {
         BusReply::Ok => Ok(()),
-        BusReply::NotHere | BusReply::Closed => Err(ApiError::conflict("Connection closed.")),
-        BusReply::Timeout | BusReply::Received => Err(SendError::NotTaken.into()),
-        BusReply::Unavailable => Err(ApiError::unavailable(
-            "The node holding the connection cannot confirm its cluster lease; nothing was delivered.",
-        )),
-        BusReply::WriteTimeout => Err(SendError::WriteTimeout.into()),
+        BusReply::NotHere | BusReply::Closed => Err(DeliveryError::Closed(None)),
+        BusReply::Timeout | BusReply::Received => Err(DeliveryError::NotTaken),
+        BusReply::Unavailable => Err(DeliveryError::OwnerFenced),
+        BusReply::WriteTimeout => Err(DeliveryError::WriteTimeout),
     }
 }
 
@@ -257,61 +358,11 @@ pub async fn close_anywhere(s: &AppState, record: &ConnectionRecord, code: u16, 
         }
     }
     let now = morrigan_protocol::time_format::now();
-    let close = crate::store::CloseInfo {
+    let close = CloseInfo {
         at: &now,
         code,
         reason,
     };
     // Retried until the store takes it: no node holds a socket for this record any more.
     s.records.close(&record.id, &close).await;
-}
-
-/// The client's address: the TCP peer, unless the peer is a trusted proxy, in which case the
-/// nearest untrusted hop of `Forwarded: for=` or `X-Forwarded-For`.
-pub fn client_address(s: &AppState, peer: SocketAddr, headers: &HeaderMap) -> String {
-    let trusted = |ip: &IpAddr| s.config.trusted_proxies.iter().any(|n| n.contains(ip));
-    if !trusted(&peer.ip()) {
-        return peer.ip().to_string();
-    }
-    let mut hops: Vec<IpAddr> = Vec::new();
-    for v in headers.get_all("forwarded") {
-        let Ok(v) = v.to_str() else { continue };
-        for element in v.split(',') {
-            for pair in element.split(';') {
-                if let Some((k, val)) = pair.trim().split_once('=')
-                    && k.trim().eq_ignore_ascii_case("for")
-                    && let Some(ip) = parse_hop(val)
-                {
-                    hops.push(ip);
-                }
-            }
-        }
-    }
-    if hops.is_empty() {
-        for v in headers.get_all("x-forwarded-for") {
-            let Ok(v) = v.to_str() else { continue };
-            hops.extend(v.split(',').filter_map(parse_hop));
-        }
-    }
-    // Walk from the nearest hop back; the first untrusted one is the client.
-    hops.iter()
-        .rev()
-        .find(|ip| !trusted(ip))
-        .or(hops.first())
-        .map(|ip| ip.to_string())
-        .unwrap_or_else(|| peer.ip().to_string())
-}
-
-fn parse_hop(raw: &str) -> Option<IpAddr> {
-    let v = raw.trim().trim_matches('"');
-    if let Ok(ip) = v.parse::<IpAddr>() {
-        return Some(ip);
-    }
-    if let Ok(sa) = v.parse::<SocketAddr>() {
-        return Some(sa.ip());
-    }
-    // `[v6]` without a port.
-    v.strip_prefix('[')
-        .and_then(|r| r.strip_suffix(']'))
-        .and_then(|r| r.parse().ok())
 }
