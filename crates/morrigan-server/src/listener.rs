@@ -45,7 +45,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
@@ -487,5 +487,34 @@ async fn serve<I, S, B>(
         Ok(()) => {}
         Err(e) if e.is_timeout() => metrics.connection_cut("idle"),
         Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
+    }
+}
+
+/// Accepts connections until `shutdown` resolves: each admitted socket is served on its own
+/// task; past a cap the socket is dropped (closed) at once, before anything is read from it.
+pub async fn accept_until(
+    listener: TcpListener,
+    admission: &Arc<Admission>,
+    serving: &Serving,
+    graceful: &Graceful,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, mostly: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return,
+        };
+        if let Some(permit) = admission.admit() {
+            serving.spawn(stream, peer, permit, graceful.watcher());
+        }
     }
 }

@@ -144,7 +144,7 @@ impl Node {
         node
     }
 
-    /// The node's shared state (for [`morrigan_server::server::upkeep_once`]).
+    /// The node's shared state (for [`morrigan_server::node::upkeep_once`]).
     pub fn state(&self) -> &AppState {
         self.state.as_ref().expect("running node")
     }
@@ -158,7 +158,7 @@ impl Node {
     pub async fn upkeep(&self) {
         let state = self.state().clone();
         let rt = self.rt.as_ref().expect("running node");
-        rt.spawn(async move { morrigan_server::server::upkeep_once(&state).await })
+        rt.spawn(async move { morrigan_server::node::upkeep_once(&state).await })
             .await
             .expect("upkeep task")
             .expect("upkeep");
