@@ -308,9 +308,6 @@ impl std::fmt::Debug for Connection {
     }
 }
 
-const ABNORMAL: u16 = 1006;
-const NO_STATUS: u16 = 1005;
-
 impl Connection {
     /// The connection record's id, when the server sent one with `accepted`.
     pub fn connection_id(&self) -> Option<&str> {
@@ -358,7 +355,7 @@ impl Connection {
                     }
                 }
                 Some(Ok(Message::Close(frame))) => {
-                    let (code, reason) = frame.map_or((NO_STATUS, String::new()), |f| {
+                    let (code, reason) = frame.map_or((close::NO_STATUS, String::new()), |f| {
                         (u16::from(f.code), f.reason.to_string())
                     });
                     // tungstenite queued the close reply; polling on flushes it and ends the
@@ -369,13 +366,13 @@ impl Connection {
                 Some(Ok(_)) => {} // Ping/Pong/raw frames: nothing to do.
                 Some(Err(e)) => {
                     return Incoming::Closed {
-                        code: ABNORMAL,
+                        code: close::ABNORMAL,
                         reason: e.to_string(),
                     };
                 }
                 None => {
                     return Incoming::Closed {
-                        code: ABNORMAL,
+                        code: close::ABNORMAL,
                         reason: "connection ended without a close frame".into(),
                     };
                 }
@@ -393,7 +390,7 @@ impl Connection {
         // Sending the close is bounded too: a server that stopped reading would block it.
         let handshake = async {
             if self.ws.close(Some(frame)).await.is_err() {
-                return ABNORMAL;
+                return close::ABNORMAL;
             }
             loop {
                 match self.recv().await {
@@ -404,7 +401,7 @@ impl Connection {
         };
         tokio::time::timeout(timeout, handshake)
             .await
-            .unwrap_or(ABNORMAL)
+            .unwrap_or(close::ABNORMAL)
     }
 
     /// Gives up the connection's parts, for callers that want the raw WebSocket.
