@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, anyhow};
 use base64::Engine;
 use futures_util::StreamExt;
+use morrigan_protocol::close;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpSocket, TcpStream};
@@ -222,7 +223,7 @@ impl Driver {
                 Some(Ok(Message::Close(f))) => {
                     return Err(format!(
                         "closed-before-accept-{}",
-                        f.map(|f| u16::from(f.code)).unwrap_or(1005)
+                        f.map(|f| u16::from(f.code)).unwrap_or(close::NO_STATUS)
                     ));
                 }
                 Some(Ok(_)) => continue,
@@ -308,7 +309,7 @@ pub async fn hold(mut ws: Ws, obs: Arc<Observed>, stop: CancellationToken) {
                     }
                 }
                 Some(Ok(Message::Close(f))) => {
-                    break Some(format!("drop-close-{}", f.map(|f| u16::from(f.code)).unwrap_or(1005)));
+                    break Some(format!("drop-close-{}", f.map(|f| u16::from(f.code)).unwrap_or(close::NO_STATUS)));
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => break Some(format!("drop-{}", short(&e.to_string()))),

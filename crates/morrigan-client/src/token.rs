@@ -4,8 +4,8 @@
 //! `reportUrl` and, for logs, a token's id. Tokens are secrets: nothing here logs or formats one.
 
 use std::fs;
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::PathBuf;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -130,9 +130,9 @@ pub fn report_url_to_ws(report_url: &str) -> Result<Url, Error> {
 /// The identity token on disk: `<state_dir>/identity-token`, replaced atomically.
 ///
 /// A device that loses power while saving must find either the old or the new token, never a
-/// truncated one: the token is written to a temporary file in the same directory, flushed to
-/// disk, renamed over the old file, and the directory is flushed so the rename itself survives.
-/// The file is readable by its owner only (0600), the directory created 0700.
+/// truncated one: [`morrigan_files::write_private`] writes a temporary file in the same
+/// directory, syncs it, renames it over the old file and syncs the directory. The file is
+/// readable by its owner only (0600), the directory created 0700.
 #[derive(Debug, Clone)]
 pub struct TokenStore {
     dir: PathBuf,
@@ -170,51 +170,16 @@ impl TokenStore {
     }
 
     fn save_inner(&self, token: &str) -> io::Result<()> {
-        create_private_dir(&self.dir)?;
-        let tmp = self.dir.join(format!(
-            ".{IDENTITY_TOKEN_FILE}.{:016x}.tmp",
-            rand::random::<u64>()
-        ));
-        let result = write_new_private(&tmp, token.as_bytes())
-            .and_then(|()| fs::rename(&tmp, self.path()))
-            .and_then(|()| sync_dir(&self.dir));
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+        morrigan_files::create_private_dir(&self.dir)?;
+        morrigan_files::write_private(&self.path(), token.as_bytes())
     }
-}
-
-fn create_private_dir(dir: &Path) -> io::Result<()> {
-    let mut builder = fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir)
-}
-
-fn write_new_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    #[cfg(unix)]
-    fs::File::open(dir)?.sync_all()?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use morrigan_protocol::api::{Claims, audience};
+    use std::path::Path;
 
     /// An unsigned JWT with the given payload (the device never checks signatures).
     pub(crate) fn fake_jwt(payload: &serde_json::Value) -> String {

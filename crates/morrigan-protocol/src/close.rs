@@ -7,6 +7,8 @@ pub const NORMAL: u16 = 1000;
 pub const GOING_AWAY: u16 = 1001;
 /// The peer sent something the protocol does not allow at the frame level.
 pub const PROTOCOL_ERROR: u16 = 1002;
+/// A close frame without a code: reported when the peer sent one (never sent on the wire).
+pub const NO_STATUS: u16 = 1005;
 /// No close frame: recorded when the socket ended without one (never sent on the wire).
 pub const ABNORMAL: u16 = 1006;
 /// A text frame was not valid UTF-8.
@@ -65,7 +67,7 @@ pub fn reason_name(code: u16) -> &'static str {
         HEARTBEAT_TIMEOUT => "heartbeat_timeout",
         REVOKED => "revoked",
         WRITE_TIMEOUT => "write_timeout",
-        1005 => "no_status",
+        NO_STATUS => "no_status",
         ABNORMAL => "abnormal",
         INVALID_PAYLOAD => "invalid_payload",
         _ => "other",

@@ -16,6 +16,8 @@ pub const CONNECT: &str = "/api/core/connection/connect";
 pub const CLIENT: &str = "/api/core/client";
 /// `POST {"id"}` → the identity token as a JSON string.
 pub const CLIENT_PROVISION: &str = "/api/core/client/provision";
+/// The nodes of the cluster: `GET` lists them.
+pub const NODE: &str = "/api/core/node";
 /// Capability provider root.
 pub const CAPABILITY: &str = "/api/core/capability";
 /// Liveness/readiness probe.

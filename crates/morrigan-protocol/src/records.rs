@@ -135,6 +135,7 @@ pub struct ClientCapabilities {
 
 /// An operator identity (`/api/auth/identity`). Never carries password material.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Identity {
     pub id: String,

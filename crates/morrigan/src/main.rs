@@ -40,15 +40,15 @@ enum Command {
     /// Run a device agent: stays connected, logs what it receives, answers agent.ping.
     Agent(agent::AgentArgs),
     /// Log in to a server; the user token is kept (0600) for the other commands.
-    Login(ops::LoginArgs),
+    Login(ops::login::LoginArgs),
     /// Provision, list, show and deprovision clients (devices).
-    Client(ops::ClientCmd),
+    Client(ops::client::ClientCmd),
     /// List, show, message and close connections.
-    Connection(ops::ConnectionCmd),
+    Connection(ops::connection::ConnectionCmd),
     /// List, create, delete operator identities and grant them functions.
-    Identity(ops::IdentityCmd),
+    Identity(ops::identity::IdentityCmd),
     /// List the nodes of the cluster.
-    Node(ops::NodeCmd),
+    Node(ops::node::NodeCmd),
 }
 
 /// A failure reported as one line (`error: <message>`) and a chosen exit code.
@@ -116,11 +116,11 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(*args).await,
             Command::Agent(args) => agent::run(args).await,
-            Command::Login(args) => ops::login(args).await.map_err(Into::into),
-            Command::Client(cmd) => ops::client(cmd).await.map_err(Into::into),
-            Command::Connection(cmd) => ops::connection(cmd).await.map_err(Into::into),
-            Command::Identity(cmd) => ops::identity(cmd).await.map_err(Into::into),
-            Command::Node(cmd) => ops::node(cmd).await.map_err(Into::into),
+            Command::Login(args) => ops::login::run(args).await.map_err(Into::into),
+            Command::Client(cmd) => ops::client::run(cmd).await.map_err(Into::into),
+            Command::Connection(cmd) => ops::connection::run(cmd).await.map_err(Into::into),
+            Command::Identity(cmd) => ops::identity::run(cmd).await.map_err(Into::into),
+            Command::Node(cmd) => ops::node::run(cmd).await.map_err(Into::into),
         }
     });
     // Whatever is still running (a password hash, a blocking call) must not hold the exit.

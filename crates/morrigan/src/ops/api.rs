@@ -1,11 +1,10 @@
 //! The REST client of the operator commands, and where they keep the login.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use morrigan_protocol::api::ErrorBody;
 use reqwest::Method;
-use serde_json::Value;
 use url::Url;
 
 use crate::Failure;
@@ -84,7 +83,8 @@ impl Login {
     /// Saves both files (0600, each replaced atomically) and returns where the token is.
     pub fn save(&self) -> Result<PathBuf, Failure> {
         let dir = config_dir()?;
-        create_private_dir(&dir)?;
+        morrigan_files::create_private_dir(&dir)
+            .map_err(|e| Failure::msg(format!("cannot create {}: {e}", dir.display())))?;
         write_private(&dir.join(URL_FILE), format!("{}\n", self.url).as_bytes())?;
         let path = dir.join(TOKEN_FILE);
         write_private(&path, format!("{}\n", self.token).as_bytes())?;
@@ -92,48 +92,11 @@ impl Login {
     }
 }
 
-fn create_private_dir(dir: &Path) -> Result<(), Failure> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| Failure::msg(format!("cannot create {}: {e}", dir.display())))
-}
-
-/// Writes a secret: a temporary file created with mode 0600 beside `path`, synced, then renamed
-/// over it, so that readers see the old content or the new one, never a part.
+/// Writes a secret with [`morrigan_files::write_private`] (atomically replaced, mode 0600), a
+/// failure as one line naming the file.
 pub fn write_private(path: &Path, content: &[u8]) -> Result<(), Failure> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let fail = |e: std::io::Error| Failure::msg(format!("cannot write {}: {e}", path.display()));
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(content)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        // Make the rename durable too.
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(fail)
+    morrigan_files::write_private(path, content)
+        .map_err(|e| Failure::msg(format!("cannot write {}: {e}", path.display())))
 }
 
 /// A server's REST API, as one operator.
@@ -234,9 +197,11 @@ impl Api {
         if status.is_success() {
             return Ok(text);
         }
-        let reason = serde_json::from_str::<Value>(&text)
+        // Every error the server answers is an `ErrorBody`; anything else (a proxy's page) is
+        // shown as an excerpt.
+        let reason = serde_json::from_str::<ErrorBody>(&text)
             .ok()
-            .and_then(|v| v.get("reason").and_then(Value::as_str).map(str::to_string))
+            .map(|body| body.reason)
             .filter(|r| !r.is_empty())
             .unwrap_or_else(|| {
                 let excerpt: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -277,10 +242,4 @@ impl Api {
         };
         Failure::msg(format!("cannot reach {}: {what}", self.base))
     }
-}
-
-/// Parses a body the server promised to be JSON.
-pub fn json(body: &str) -> Result<Value, Failure> {
-    serde_json::from_str(body)
-        .map_err(|e| Failure::msg(format!("the server's answer is not JSON: {e}")))
 }

@@ -1,7 +1,5 @@
 //! Human output: aligned tables and field lists.
 
-use serde_json::Value;
-
 /// A table whose columns are as wide as their widest cell, separated by two spaces.
 pub struct Table {
     rows: Vec<Vec<String>>,
@@ -67,19 +65,17 @@ fn clean(s: &str) -> String {
         .collect()
 }
 
-/// A field as text: strings as they are, `null`/missing as `-`, others as JSON.
-pub fn field(v: &Value, key: &str) -> String {
-    match v.get(key) {
-        None | Some(Value::Null) => "-".into(),
-        Some(Value::String(s)) if s.is_empty() => "-".into(),
-        Some(Value::String(s)) => s.clone(),
-        Some(other) => other.to_string(),
+/// A value as a cell: the text as it is, an absent or empty one as `-`.
+pub fn text<'a>(value: impl Into<Option<&'a str>>) -> String {
+    match value.into() {
+        None | Some("") => "-".into(),
+        Some(s) => s.to_string(),
     }
 }
 
-/// An ISO 8601 timestamp shortened to `YYYY-MM-DD HH:MM:SS` (UTC).
-pub fn short_time(v: &Value, key: &str) -> String {
-    let full = field(v, key);
+/// An ISO 8601 timestamp shortened to `YYYY-MM-DD HH:MM:SS` (UTC); absent or empty as `-`.
+pub fn short_time<'a>(value: impl Into<Option<&'a str>>) -> String {
+    let full = text(value);
     if full.is_ascii() && full.len() >= 19 && full.as_bytes()[10] == b'T' {
         format!("{} {}", &full[..10], &full[11..19])
     } else {
@@ -87,10 +83,14 @@ pub fn short_time(v: &Value, key: &str) -> String {
     }
 }
 
+/// A flag as `yes` or `no`.
+pub fn yes_no(flag: bool) -> String {
+    if flag { "yes" } else { "no" }.into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn columns_align_and_lines_do_not_trail() {
@@ -102,12 +102,15 @@ mod tests {
 
     #[test]
     fn fields_and_times() {
-        let v = json!({"a": "x", "b": null, "t": "2024-05-06T07:08:09.123Z", "n": 3});
-        assert_eq!(field(&v, "a"), "x");
-        assert_eq!(field(&v, "b"), "-");
-        assert_eq!(field(&v, "missing"), "-");
-        assert_eq!(field(&v, "n"), "3");
-        assert_eq!(short_time(&v, "t"), "2024-05-06 07:08:09");
-        assert_eq!(short_time(&v, "b"), "-");
+        assert_eq!(text("x"), "x");
+        assert_eq!(text(None), "-");
+        assert_eq!(text(""), "-");
+        assert_eq!(
+            short_time("2024-05-06T07:08:09.123Z"),
+            "2024-05-06 07:08:09"
+        );
+        assert_eq!(short_time(None), "-");
+        assert_eq!(yes_no(true), "yes");
+        assert_eq!(yes_no(false), "no");
     }
 }

@@ -1,38 +1,23 @@
-//! One connection attempt: token exchange, WebSocket upgrade, wait for `accepted`.
-//!
-//! [`Endpoint`] is the reusable part (provider URL, HTTP client with its connection pool, TLS
-//! settings); [`Connection`] is one accepted WebSocket. The [`Client`](crate::Client) builds on
-//! both; tools and load generators can use them directly.
+//! [`Endpoint`]: where and how to connect (provider URL, HTTP client with its connection pool,
+//! TLS settings), and one attempt through it: token exchange, then the WebSocket upgrade.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use morrigan_protocol::api::TokenResponse;
-use morrigan_protocol::message::{ConnectionState, types};
-use morrigan_protocol::{MessageType, close, paths};
+use morrigan_protocol::paths;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use serde_json::Value;
-use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, header};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use url::Url;
 
+use super::{Connection, DEFAULT_TIMEOUT};
 use crate::Error;
 use crate::token::{check_token_shape, peek_claims, report_url_to_ws, token_label};
-
-/// The WebSocket stream type of a [`Connection`].
-pub type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// Default bound on each network step (HTTP exchange, WebSocket handshake, waiting for
-/// `accepted`).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where and how to connect: the provider URL plus HTTP and TLS settings.
 ///
@@ -215,23 +200,7 @@ impl Endpoint {
             Ok(Err(e)) => return Err(e.into()),
             Ok(Ok((ws, _response))) => ws,
         };
-        let mut connection = Connection {
-            ws,
-            url,
-            connection_id: None,
-            pending: VecDeque::new(),
-        };
-        match tokio::time::timeout(self.timeout, connection.wait_accepted()).await {
-            Err(_) => {
-                connection.abort().await;
-                Err(Error::Timeout("connection.state accepted"))
-            }
-            Ok(Err(e)) => {
-                connection.abort().await;
-                Err(e)
-            }
-            Ok(Ok(())) => Ok(connection),
-        }
+        Connection::accept(ws, url, self.timeout).await
     }
 }
 
@@ -280,256 +249,9 @@ fn error_body(body: &str) -> (String, String) {
     }
 }
 
-/// What [`Connection::recv`] returns.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Incoming {
-    /// A JSON object with a valid `type`.
-    Message(Value),
-    /// The connection ended: the peer's close code (1005 when it sent none, 1006 when the socket
-    /// ended without a close frame) and reason.
-    Closed { code: u16, reason: String },
-}
-
-/// An accepted WebSocket connection.
-pub struct Connection {
-    ws: WsStream,
-    url: Url,
-    connection_id: Option<String>,
-    /// Messages that arrived before `accepted` (none from a conforming server), delivered first.
-    pending: VecDeque<Value>,
-}
-
-impl std::fmt::Debug for Connection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connection")
-            .field("url", &self.url.as_str())
-            .field("connection_id", &self.connection_id)
-            .finish_non_exhaustive()
-    }
-}
-
-const ABNORMAL: u16 = 1006;
-const NO_STATUS: u16 = 1005;
-
-impl Connection {
-    /// The connection record's id, when the server sent one with `accepted`.
-    pub fn connection_id(&self) -> Option<&str> {
-        self.connection_id.as_deref()
-    }
-
-    /// The WebSocket URL (the token's `reportUrl`, mapped to ws/wss).
-    pub fn url(&self) -> &Url {
-        &self.url
-    }
-
-    /// Sends a message after checking that it is an object with a valid `type`.
-    pub async fn send(&mut self, message: &Value) -> Result<(), Error> {
-        let text = encode(message)?;
-        self.ws.send(Message::text(text)).await?;
-        Ok(())
-    }
-
-    /// Sends text already produced by [`encode`].
-    pub(crate) async fn send_text(&mut self, text: String) -> Result<(), Error> {
-        self.ws.send(Message::text(text)).await?;
-        Ok(())
-    }
-
-    /// The next message. Pings are answered (by tungstenite) while this is polled; frames that are
-    /// not a JSON object with a valid `type` are skipped. Cancel-safe.
-    pub async fn recv(&mut self) -> Incoming {
-        if let Some(message) = self.pending.pop_front() {
-            return Incoming::Message(message);
-        }
-        loop {
-            match self.ws.next().await {
-                Some(Ok(Message::Text(text))) => match decode(text.as_str()) {
-                    Ok(message) => return Incoming::Message(message),
-                    Err(why) => tracing::debug!(%why, "ignoring frame"),
-                },
-                Some(Ok(Message::Binary(bytes))) => {
-                    // The original server parsed binary frames as JSON too; so does this.
-                    match std::str::from_utf8(&bytes)
-                        .map_err(|e| e.to_string())
-                        .and_then(decode)
-                    {
-                        Ok(message) => return Incoming::Message(message),
-                        Err(why) => tracing::debug!(%why, "ignoring binary frame"),
-                    }
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    let (code, reason) = frame.map_or((NO_STATUS, String::new()), |f| {
-                        (u16::from(f.code), f.reason.to_string())
-                    });
-                    // tungstenite queued the close reply; polling on flushes it and ends the
-                    // stream. Bounded, in case the server never closes the TCP connection.
-                    let _ = tokio::time::timeout(Duration::from_secs(2), self.drain()).await;
-                    return Incoming::Closed { code, reason };
-                }
-                Some(Ok(_)) => {} // Ping/Pong/raw frames: nothing to do.
-                Some(Err(e)) => {
-                    return Incoming::Closed {
-                        code: ABNORMAL,
-                        reason: e.to_string(),
-                    };
-                }
-                None => {
-                    return Incoming::Closed {
-                        code: ABNORMAL,
-                        reason: "connection ended without a close frame".into(),
-                    };
-                }
-            }
-        }
-    }
-
-    /// Closes with `code` and `reason` and waits up to `timeout` for the server's close. Returns
-    /// the server's close code (1006 when it did not answer).
-    pub async fn close(mut self, code: u16, reason: &str, timeout: Duration) -> u16 {
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.into(),
-        };
-        // Sending the close is bounded too: a server that stopped reading would block it.
-        let handshake = async {
-            if self.ws.close(Some(frame)).await.is_err() {
-                return ABNORMAL;
-            }
-            loop {
-                match self.recv().await {
-                    Incoming::Closed { code, .. } => return code,
-                    Incoming::Message(_) => {} // too late to handle
-                }
-            }
-        };
-        tokio::time::timeout(timeout, handshake)
-            .await
-            .unwrap_or(ABNORMAL)
-    }
-
-    /// Gives up the connection's parts, for callers that want the raw WebSocket.
-    pub fn into_inner(self) -> WsStream {
-        self.ws
-    }
-
-    async fn drain(&mut self) {
-        while self.ws.next().await.is_some() {}
-    }
-
-    async fn abort(&mut self) {
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.ws.close(None)).await;
-    }
-
-    async fn wait_accepted(&mut self) -> Result<(), Error> {
-        loop {
-            match self.recv().await {
-                Incoming::Message(message)
-                    if message.get("type").and_then(Value::as_str)
-                        == Some(types::CONNECTION_STATE) =>
-                {
-                    let state: ConnectionState = serde_json::from_value(message).map_err(|e| {
-                        Error::Protocol(format!("connection.state is malformed: {e}"))
-                    })?;
-                    return match state.state.as_str() {
-                        "accepted" => {
-                            self.connection_id = state.connection_id;
-                            Ok(())
-                        }
-                        "rejected" => Err(Error::Rejected {
-                            reason: state.reason.unwrap_or_default(),
-                        }),
-                        other => Err(Error::Protocol(format!(
-                            "unexpected connection.state {other:?}"
-                        ))),
-                    };
-                }
-                Incoming::Message(message) => self.pending.push_back(message),
-                Incoming::Closed { code, reason } => {
-                    return Err(stop_error(code, &reason)
-                        .unwrap_or(Error::ClosedBeforeAccepted { code, reason }));
-                }
-            }
-        }
-    }
-}
-
-/// The error that stops a client after a close with `code`, when the code says to stop.
-pub(crate) fn stop_error(code: u16, reason: &str) -> Option<Error> {
-    match close::advice(code) {
-        close::Advice::Stop if code == close::SUPERSEDED => Some(Error::Superseded {
-            reason: reason.to_string(),
-        }),
-        close::Advice::Stop => Some(Error::Revoked {
-            code,
-            reason: reason.to_string(),
-        }),
-        close::Advice::Reconnect | close::Advice::ReconnectWithJitter => None,
-    }
-}
-
-/// Serializes a message after validating it: a JSON object whose `type` is valid.
-pub(crate) fn encode(message: &Value) -> Result<String, Error> {
-    let ty = message
-        .as_object()
-        .ok_or_else(|| Error::InvalidMessage("a message must be a JSON object".into()))?
-        .get("type")
-        .and_then(Value::as_str)
-        .ok_or_else(|| Error::InvalidMessage("a message needs a string \"type\"".into()))?;
-    MessageType::parse(ty).map_err(|source| Error::InvalidType {
-        ty: ty.to_string(),
-        source,
-    })?;
-    serde_json::to_string(message).map_err(|e| Error::InvalidMessage(e.to_string()))
-}
-
-/// Parses a received frame: a JSON object with a valid `type`.
-fn decode(text: &str) -> Result<Value, String> {
-    let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
-    let ty = value
-        .get("type")
-        .and_then(Value::as_str)
-        .ok_or("not an object with a string type")?;
-    MessageType::parse(ty).map_err(|e| format!("type {ty:?}: {e}"))?;
-    Ok(value)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn encode_validates_before_sending() {
-        assert!(encode(&json!({"type": "agent.pong", "n": 1})).is_ok());
-        assert!(matches!(
-            encode(&json!({"type": "agent"})),
-            Err(Error::InvalidType { .. })
-        ));
-        assert!(matches!(
-            encode(&json!({"type": "a^b.c"})),
-            Err(Error::InvalidType { .. })
-        ));
-        assert!(matches!(
-            encode(&json!({"kind": "a.b"})),
-            Err(Error::InvalidMessage(_))
-        ));
-        assert!(matches!(encode(&json!([1])), Err(Error::InvalidMessage(_))));
-    }
-
-    #[test]
-    fn decode_skips_garbage() {
-        assert!(decode("{\"type\":\"agent.ping\"}").is_ok());
-        for bad in [
-            "",
-            "[]",
-            "{}",
-            "{\"type\":1}",
-            "{\"type\":\"nodot\"}",
-            "nope",
-        ] {
-            assert!(decode(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn error_bodies_of_both_servers() {
@@ -544,21 +266,6 @@ mod tests {
         assert_eq!(state, "failed");
         let (_, reason) = error_body("<html>Bad Gateway</html>");
         assert_eq!(reason, "<html>Bad Gateway</html>");
-    }
-
-    #[test]
-    fn close_codes_that_stop() {
-        assert!(matches!(
-            stop_error(close::REVOKED, "r"),
-            Some(Error::Revoked { .. })
-        ));
-        assert!(matches!(
-            stop_error(close::SUPERSEDED, ""),
-            Some(Error::Superseded { .. })
-        ));
-        for code in [1000, 1001, 1005, 1006, 4000, 4002] {
-            assert!(stop_error(code, "").is_none(), "{code}");
-        }
     }
 
     #[test]
