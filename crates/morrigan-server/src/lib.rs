@@ -27,7 +27,6 @@ pub mod delivery;
 pub mod error;
 pub mod events;
 pub mod forwarded;
-mod fsutil;
 pub mod heartbeat;
 pub mod hooks;
 pub mod hub;

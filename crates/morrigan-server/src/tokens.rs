@@ -184,7 +184,7 @@ impl Tokens {
                     .map_err(|_| KeyError::Format {
                         path: path_str.clone(),
                     })?;
-                crate::fsutil::write_private(&path, pem.as_bytes()).map_err(|source| {
+                morrigan_files::write_private(&path, pem.as_bytes()).map_err(|source| {
                     KeyError::Io {
                         path: path_str.clone(),
                         source,

@@ -196,7 +196,7 @@ pub(super) async fn bootstrap_admin(
     }
     if generated {
         let path = config.data_dir.join("initial-admin-password");
-        crate::fsutil::write_private(&path, format!("{password}\n").as_bytes()).map_err(
+        morrigan_files::write_private(&path, format!("{password}\n").as_bytes()).map_err(
             |source| StartError::DataDir {
                 path: path.display().to_string(),
                 source,

@@ -44,7 +44,7 @@ pub(super) fn load_node_id(dir: &Path) -> Result<String, StartError> {
         ))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = uuid::Uuid::new_v4().to_string();
-            crate::fsutil::write_private(&path, id.as_bytes()).map_err(err)?;
+            morrigan_files::write_private(&path, id.as_bytes()).map_err(err)?;
             Ok(id)
         }
         Err(e) => Err(err(e)),

@@ -5,10 +5,11 @@ use std::net::{IpAddr, SocketAddr};
 use axum::Json;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::StatusCode;
-use morrigan_protocol::api::{LoginRequest, TokenResponse};
+use morrigan_protocol::api::{
+    AuthDetails, IdentityList, IdentityRequest, IdentityResponse, LoginRequest, TokenResponse,
+};
 use morrigan_protocol::records::Identity;
 use morrigan_protocol::time_format;
-use serde::Deserialize;
 use serde_json::{Value, json};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -38,8 +39,11 @@ fn public(row: &IdentityRow) -> Identity {
     }
 }
 
-fn identity_body(row: &IdentityRow) -> Json<Value> {
-    Json(json!({"state": "success", "identity": public(row)}))
+fn identity_body(row: &IdentityRow) -> Json<IdentityResponse> {
+    Json(IdentityResponse {
+        state: "success".into(),
+        identity: public(row),
+    })
 }
 
 fn invalid_login() -> ApiError {
@@ -121,37 +125,17 @@ async fn login(
 
 /// Lists identities (function `auth.identity.get.all`).
 #[utoipa::path(get, path = "/api/auth/identity", tag = "auth", security(("userToken" = [])),
-    responses((status = 200, description = "{\"state\":\"success\",\"identities\":[..]}", body = Value),
+    responses((status = 200, body = IdentityList),
               (status = 401, body = morrigan_protocol::api::ErrorBody),
               (status = 403, body = morrigan_protocol::api::ErrorBody)))]
-async fn list_identities(State(s): State<AppState>, user: User) -> ApiResult<Json<Value>> {
+async fn list_identities(State(s): State<AppState>, user: User) -> ApiResult<Json<IdentityList>> {
     user.require(&[functions::IDENTITY_GET_ALL])?;
     let rows = s.store.identities().await?;
     let list: Vec<Identity> = rows.iter().map(public).collect();
-    Ok(Json(json!({"state": "success", "identities": list})))
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AuthDetails {
-    /// Only `password` exists.
-    #[serde(rename = "type")]
-    pub kind: Option<String>,
-    pub password: Option<String>,
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-pub struct CreateIdentity {
-    pub name: Option<String>,
-    pub auth: Option<AuthDetails>,
-    pub functions: Option<Vec<String>>,
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-pub struct PatchIdentity {
-    pub name: Option<String>,
-    pub auth: Option<AuthDetails>,
-    pub functions: Option<Vec<String>>,
+    Ok(Json(IdentityList {
+        state: "success".into(),
+        identities: list,
+    }))
 }
 
 fn password_of(auth: &AuthDetails) -> ApiResult<&str> {
@@ -188,16 +172,16 @@ fn check_name(name: &str) -> ApiResult<()> {
 /// Creates an identity (function `auth.identity.create`) holding only functions the caller
 /// holds (403 naming the others).
 #[utoipa::path(post, path = "/api/auth/identity", tag = "auth", security(("userToken" = [])),
-    request_body = CreateIdentity,
-    responses((status = 200, description = "{\"state\":\"success\",\"identity\":{..}}", body = Value),
+    request_body = IdentityRequest,
+    responses((status = 200, body = IdentityResponse),
               (status = 400, body = morrigan_protocol::api::ErrorBody),
               (status = 401, body = morrigan_protocol::api::ErrorBody),
               (status = 403, body = morrigan_protocol::api::ErrorBody)))]
 async fn create_identity(
     State(s): State<AppState>,
     user: User,
-    ApiJson(req): ApiJson<CreateIdentity>,
-) -> ApiResult<Json<Value>> {
+    ApiJson(req): ApiJson<IdentityRequest>,
+) -> ApiResult<Json<IdentityResponse>> {
     user.require(&[functions::IDENTITY_CREATE])?;
     let name = req
         .name
@@ -235,24 +219,24 @@ async fn create_identity(
 
 /// The caller's own identity.
 #[utoipa::path(get, path = "/api/auth/identity/me", tag = "auth", security(("userToken" = [])),
-    responses((status = 200, body = Value), (status = 401, body = morrigan_protocol::api::ErrorBody)))]
-async fn get_me(user: User) -> Json<Value> {
+    responses((status = 200, body = IdentityResponse), (status = 401, body = morrigan_protocol::api::ErrorBody)))]
+async fn get_me(user: User) -> Json<IdentityResponse> {
     identity_body(&user.identity)
 }
 
 /// Changes the caller's own name or password (not functions). A password change revokes the
 /// identity's other sessions.
 #[utoipa::path(patch, path = "/api/auth/identity/me", tag = "auth", security(("userToken" = [])),
-    request_body = PatchIdentity,
-    responses((status = 200, body = Value),
+    request_body = IdentityRequest,
+    responses((status = 200, body = IdentityResponse),
               (status = 400, body = morrigan_protocol::api::ErrorBody),
               (status = 401, body = morrigan_protocol::api::ErrorBody),
               (status = 403, description = "Tried to change functions", body = morrigan_protocol::api::ErrorBody)))]
 async fn patch_me(
     State(s): State<AppState>,
     user: User,
-    ApiJson(req): ApiJson<PatchIdentity>,
-) -> ApiResult<Json<Value>> {
+    ApiJson(req): ApiJson<IdentityRequest>,
+) -> ApiResult<Json<IdentityResponse>> {
     if req.functions.is_some() {
         return Err(ApiError::forbidden(
             "Access to functions cannot be modified via the \"me\" endpoint.",
@@ -266,7 +250,7 @@ async fn patch_me(
 async fn apply_patch(
     s: &AppState,
     mut row: IdentityRow,
-    req: PatchIdentity,
+    req: IdentityRequest,
     keep_session: Option<&str>,
 ) -> ApiResult<IdentityRow> {
     if let Some(name) = req.name
@@ -316,7 +300,7 @@ async fn apply_patch(
 /// One identity (function `auth.identity.get.all`).
 #[utoipa::path(get, path = "/api/auth/identity/{id}", tag = "auth", security(("userToken" = [])),
     params(("id" = String, Path, description = "Identity id")),
-    responses((status = 200, body = Value),
+    responses((status = 200, body = IdentityResponse),
               (status = 401, body = morrigan_protocol::api::ErrorBody),
               (status = 403, body = morrigan_protocol::api::ErrorBody),
               (status = 404, body = morrigan_protocol::api::ErrorBody)))]
@@ -324,7 +308,7 @@ async fn get_identity(
     State(s): State<AppState>,
     user: User,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<IdentityResponse>> {
     user.require(&[functions::IDENTITY_GET_ALL])?;
     let row = s
         .store
@@ -338,8 +322,8 @@ async fn get_identity(
 /// only an identity whose functions the caller holds, and only to functions the caller holds
 /// (403 naming the others); never the last identity holding every function out of one (409).
 #[utoipa::path(patch, path = "/api/auth/identity/{id}", tag = "auth", security(("userToken" = [])),
-    params(("id" = String, Path, description = "Identity id")), request_body = PatchIdentity,
-    responses((status = 200, body = Value),
+    params(("id" = String, Path, description = "Identity id")), request_body = IdentityRequest,
+    responses((status = 200, body = IdentityResponse),
               (status = 400, body = morrigan_protocol::api::ErrorBody),
               (status = 401, body = morrigan_protocol::api::ErrorBody),
               (status = 403, body = morrigan_protocol::api::ErrorBody),
@@ -349,8 +333,8 @@ async fn patch_identity(
     State(s): State<AppState>,
     user: User,
     Path(id): Path<String>,
-    ApiJson(req): ApiJson<PatchIdentity>,
-) -> ApiResult<Json<Value>> {
+    ApiJson(req): ApiJson<IdentityRequest>,
+) -> ApiResult<Json<IdentityResponse>> {
     user.require(&[functions::IDENTITY_UPDATE_ALL])?;
     let row = s
         .store

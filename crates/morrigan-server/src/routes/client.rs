@@ -2,11 +2,10 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use morrigan_protocol::api::ProvisionRequest;
+use morrigan_protocol::api::{DeprovisionResponse, ProvisionRequest};
 use morrigan_protocol::close;
 use morrigan_protocol::records::ClientRecord;
 use morrigan_protocol::time_format;
-use serde_json::{Value, json};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -101,7 +100,7 @@ async fn delete_client(
     State(s): State<AppState>,
     user: User,
     Path(client_id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DeprovisionResponse>> {
     user.require(&[functions::API])?;
     // The records are closed even when the client is already gone: a DELETE retried after its
     // first attempt failed half-way (client deleted, records not closed) finishes the job.
@@ -129,7 +128,8 @@ async fn delete_client(
     )
     .await;
     tracing::info!(by = %user.identity.name, client = %client_id, closed = closed.len(), "client deprovisioned");
-    Ok(Json(
-        json!({"state": "success", "closedConnections": closed.len()}),
-    ))
+    Ok(Json(DeprovisionResponse {
+        state: "success".into(),
+        closed_connections: closed.len(),
+    }))
 }

@@ -407,7 +407,7 @@ impl From<DeliveryError> for ApiError {
         match e {
             DeliveryError::NotFound => ApiError::not_found(reason),
             DeliveryError::Closed(Some(code)) => ApiError::conflict(format!(
-                "Connection closed ({code} {}) before the message was written.",
+                "Connection closed ({code} {}).",
                 close::reason_name(code)
             )),
             DeliveryError::Closed(None) | DeliveryError::NotEstablished => {

@@ -359,7 +359,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         Box::pin(wire.answer_close()).await;
                         let (code, reason) = frame
                             .map(|f| (u16::from(f.code), f.reason.to_string()))
-                            .unwrap_or((1005, String::new()));
+                            .unwrap_or((close::NO_STATUS, String::new()));
                         let reason = if reason.is_empty() { "closed by client".to_string() } else { reason };
                         break End::new(code, reason);
                     }
