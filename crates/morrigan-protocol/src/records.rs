@@ -110,6 +110,7 @@ impl From<ConnectionRecord> for ConnectionRecordWire {
 
 /// A provisioned client (device) (`GET /api/core/client[/:id]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "sqlx", derive(sqlx::FromRow))]
 #[serde(rename_all = "camelCase")]
 pub struct ClientRecord {
     pub id: String,
@@ -178,6 +179,7 @@ mod tests {
 /// A node of the cluster as `GET /api/core/node` serves it (a single server is a cluster of one).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "sqlx", derive(sqlx::FromRow))]
 #[serde(rename_all = "camelCase")]
 pub struct NodeRecord {
     pub id: String,

@@ -32,7 +32,6 @@ pub mod hooks;
 pub mod hub;
 pub mod lease;
 pub mod listener;
-pub mod metered_store;
 pub mod metrics;
 pub mod node;
 pub mod passwords;

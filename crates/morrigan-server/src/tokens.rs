@@ -73,9 +73,20 @@ impl TokenError {
 /// The record of a token just issued: its claims and the digest of its text, so that only
 /// this exact text is accepted as it (see [`digest`]).
 pub fn token_row(kind: TokenKind, issued: &Issued) -> TokenRow {
+    let claims = &issued.claims;
+    let at = |t: i64| {
+        time::OffsetDateTime::from_unix_timestamp(t)
+            .map(morrigan_protocol::time_format::format)
+            .unwrap_or_default()
+    };
     TokenRow {
+        id: claims.jti.clone(),
+        kind,
+        subject: claims.sub.clone(),
+        issuer: claims.iss.clone(),
+        issued: at(claims.iat),
+        expires: at(claims.exp),
         digest: Some(digest(&issued.token)),
-        ..TokenRow::from_claims(kind, &issued.claims)
     }
 }
 

@@ -114,7 +114,7 @@ impl ServerBuilder {
         let (store, pg_pool) = open::open_store(&config, deadline).await?;
         let metrics = crate::metrics::Metrics::new(&node_id);
         let admission = crate::listener::Admission::new(&config, metrics.clone())?;
-        let store: Arc<dyn Store> = Arc::new(crate::metered_store::MeteredStore {
+        let store: Arc<dyn Store> = Arc::new(crate::store::metered::MeteredStore {
             inner: store,
             metrics: metrics.clone(),
             deadline,

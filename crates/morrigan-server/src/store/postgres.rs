@@ -37,7 +37,7 @@ pub struct PgStore {
     pool: PgPool,
     /// The hot path's writes share the pool (PostgreSQL runs them concurrently).
     writer: PgPool,
-    hot: super::sql::HotPath,
+    hot: super::hot_path::HotPath,
 }
 
 impl PgStore {
@@ -116,5 +116,4 @@ impl PgStore {
     }
 }
 
-super::identities::guarded_identities!(PgStore, sqlx::Postgres);
-super::sql::sql_store!(PgStore, sqlx::Postgres, sqlx::postgres::PgRow, numbered: true);
+super::sql::sql_store!(PgStore, sqlx::Postgres, numbered: true);

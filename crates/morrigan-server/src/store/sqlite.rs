@@ -42,7 +42,7 @@ pub struct SqliteStore {
     /// One connection for the hot path's writes (the batches and the heartbeat flush); see
     /// [`SqliteStore::with_options`].
     writer: SqlitePool,
-    hot: super::sql::HotPath,
+    hot: super::hot_path::HotPath,
 }
 
 impl SqliteStore {
@@ -147,8 +147,6 @@ impl SqliteStore {
     }
 }
 
-super::identities::guarded_identities!(SqliteStore, sqlx::Sqlite);
-
 /// Fails for a connection that cannot write, without waiting for the write lock (the busy
 /// timeout is zero meanwhile). `BEGIN IMMEDIATE` asks for the write lock on a writable database,
 /// so `SQLITE_BUSY` proves writability; on a database opened read-only it starts a read
@@ -181,4 +179,4 @@ fn is_busy(code: Option<&str>) -> bool {
     matches!(primary, Some(SQLITE_BUSY | SQLITE_LOCKED))
 }
 
-super::sql::sql_store!(SqliteStore, sqlx::Sqlite, sqlx::sqlite::SqliteRow, numbered: false);
+super::sql::sql_store!(SqliteStore, sqlx::Sqlite, numbered: false);
