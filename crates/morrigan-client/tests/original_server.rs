@@ -11,7 +11,7 @@
 //! 3. A refused connection token is not refused before the upgrade: the socket is upgraded,
 //!    then closed without a code (1005) before any `connection.state`.
 //! 4. `client.token.refresh` revokes the previous identity token at once (Morrigan keeps it for
-//!    a grace period), so a reconnect must use the newest token (the original's K6).
+//!    a grace period), so a reconnect must use the newest token.
 //!
 //! The stand-in speaks plain HTTP/1.1 for the exchange and serves the WebSocket on a second
 //! port (the connection token's `reportUrl`), checking the connection token in `Origin`.

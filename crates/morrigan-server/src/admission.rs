@@ -150,7 +150,7 @@ pub async fn exchange(
         .await?;
     if !inserted {
         // The rare path: check the signature, then the record, to say why; a token recorded
-        // before digests were kept is let through by its signature and gets its digest.
+        // without a digest is let through by its signature and gets its digest.
         let claims = tokens.verify(token, audience::IDENTITY).await?;
         let Some(live) = s.store.live_token(&claims.jti, &now).await? else {
             return Err(counted(s, audience::IDENTITY, Refusal::Revoked));
@@ -266,7 +266,7 @@ async fn consume(
         .accept_connection(&claims.sub, &claims.jti, proof, &s.node_id, address, now)
         .await?;
     if accepted.is_none() && digest.is_some() {
-        // Refused: a forged token, a replay, or a record written before digests were kept. The
+        // Refused: a forged token, a replay, or a record written without a digest. The
         // signature tells the first apart; the accept, with it as proof, the other two.
         s.credentials
             .tokens()

@@ -119,8 +119,9 @@ impl Config {
             return url.trim_end_matches('/').to_string();
         }
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        // An unspecified listen address (0.0.0.0, ::) is not reachable by that name (the
-        // original's F13); name the loopback instead and let operators set --public-url.
+        // An unspecified listen address (0.0.0.0, ::) is not reachable by that name, so devices
+        // are never told to connect to it: name the loopback instead and let operators set
+        // --public-url.
         let host = if bound.ip().is_unspecified() {
             if bound.is_ipv4() {
                 "127.0.0.1".to_string()

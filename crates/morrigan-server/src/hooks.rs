@@ -1,7 +1,7 @@
 //! Server-side hooks on connection events, for embedding applications.
 //!
 //! `authenticate` runs before the token is consumed and before the upgrade, so a refusal is an
-//! HTTP 403 with the hook's reason (the original ran it after the record was written: F10).
+//! HTTP 403 with the hook's reason, and the pending record is never marked accepted.
 //! `connect` runs after `connection.state accepted` was sent; `disconnect` after the record
 //! was closed; `heartbeat_missed` on a connection's first missed heartbeat; `client_state` after
 //! a `client.state` was stored. Hooks run on the connection's task: keep them short or spawn.

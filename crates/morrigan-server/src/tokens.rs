@@ -6,10 +6,10 @@
 //! token kind), `iat`, `exp`, `jti`, and `reportUrl` on connection tokens.
 //!
 //! The keys are parsed once: jsonwebtoken takes keys as bytes and re-derives them on every
-//! call (for Ed25519 a point compression per sign and a decompression per verify, about a
-//! third of the curve work of a connect), so signing and the signature check use
-//! ed25519-dalek with the parsed keys directly (sign 43 → 27 µs, verify 58 → 35 µs here). jsonwebtoken still reads the header, and the
-//! output is byte-for-byte what `jsonwebtoken::encode` produces (a test pins it).
+//! call (for Ed25519 a point compression per sign and a decompression per verify), so signing
+//! and the signature check use ed25519-dalek with the parsed keys directly and no curve work
+//! is repeated per token. jsonwebtoken still reads the header, and the output is byte-for-byte
+//! what `jsonwebtoken::encode` produces (a test pins it).
 //!
 //! A signature is necessary but not sufficient: user and identity tokens must also still have
 //! their record (revocation deletes it), and connection tokens are consumed by
@@ -19,8 +19,9 @@
 //! tokens are stored with the SHA-256 of their text ([`digest`]) when issued, and the one
 //! statement that must run anyway (the pending record's insert, the accept's conditional
 //! update) also requires that digest ([`Tokens::presented`]). A token's text matching what was
-//! issued is what a valid signature proves, at about 2 µs instead of 35-55; the signature is still
-//! checked on every refusal (to say why) and for tokens issued before digests were kept.
+//! issued is what a valid signature proves, for the price of a SHA-256 instead of a curve
+//! operation; the signature is still checked on every refusal (to say why) and for tokens
+//! recorded without a digest (by a release that kept none).
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -379,8 +380,9 @@ impl Tokens {
             .decode(signature)
             .map_err(|_| TokenError::Malformed)?;
         let signature = Signature::from_slice(&signature).map_err(|_| TokenError::Malformed)?;
-        // `verify`, not `verify_strict` (9 µs more here): the keys are our nodes' own, and a
-        // malleated signature would carry the same claims, so the same `jti` and record.
+        // `verify`, not `verify_strict` (whose extra checks cost more per token): the keys are
+        // our nodes' own, and a malleated signature would carry the same claims, so the same
+        // `jti` and record.
         key.verify(message.as_bytes(), &signature)
             .map_err(|_| TokenError::Invalid)
     }

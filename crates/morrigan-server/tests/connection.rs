@@ -493,7 +493,7 @@ async fn tokens_recorded_before_digests_were_kept_still_work() {
     let node = Node::start().await;
     let identity = node.provision("dev").await;
     let pending = node.token(&identity).await;
-    // As a database written by an earlier version: no digests.
+    // Tokens recorded without a digest (as an older release's database holds them).
     let db = sqlx::SqlitePool::connect(&format!(
         "sqlite://{}",
         node.data_dir().join("morrigan.db").display()

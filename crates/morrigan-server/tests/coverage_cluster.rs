@@ -175,8 +175,8 @@ async fn next_text(ws: &mut RawWs) -> Value {
     }
 }
 
-/// Frames the flood sends, 512 KiB each: 12 MiB, more than the socket buffers take (the
-/// owner's send buffer grows to 4 MiB here).
+/// Frames the flood sends, 512 KiB each: 12 MiB, more than the socket buffers take (Linux
+/// grows the owner's send buffer to at most 4 MiB by default, `net.ipv4.tcp_wmem`).
 const FRAMES: usize = 24;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

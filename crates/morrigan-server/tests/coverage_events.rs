@@ -125,8 +125,8 @@ async fn subscribe_raw(node: &Node) -> RawStream {
 }
 
 /// Events the subscriber must fall behind by: more than the bus buffers (1024) plus what the
-/// server's HTTP and socket buffers hold for a reader that stopped (here about 3 MiB; at most
-/// hyper's 400 KiB and a 4 MiB socket buffer, 14,000 events of this size).
+/// server's HTTP and socket buffers can hold for a reader that stopped (at most hyper's 400 KiB
+/// and a 4 MiB socket buffer: 14,000 events of this size).
 const EVENTS: usize = 20_000;
 
 /// The `n`th state: numbered, padded to the longest state (128 bytes) so that the buffers

@@ -1,6 +1,6 @@
-//! REST answers that had no test of their success and failure paths: the node list and its
-//! authorization, `/healthz` while the node stops, the dashboard's security headers, and what
-//! every kind of request answers while the store is down (503 JSON, nothing carried out later).
+//! REST answers on their success and failure paths: the node list and its authorization,
+//! `/healthz` while the node stops, the dashboard's security headers, and what every kind of
+//! request answers while the store is down (503 JSON, nothing carried out later).
 
 mod common;
 

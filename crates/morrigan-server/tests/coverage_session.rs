@@ -1,6 +1,6 @@
-//! What a device's socket does at the edges that had no test: a text frame that is not UTF-8
-//! (1007), `client.state` at and past its bounds and racing a deprovisioning, and
-//! `client.token.refresh` with its grace period and after a deprovisioning.
+//! What a device's socket does at the edges: a text frame that is not UTF-8 (1007),
+//! `client.state` at and past its bounds and racing a deprovisioning, and `client.token.refresh`
+//! with its grace period and after a deprovisioning.
 
 mod common;
 

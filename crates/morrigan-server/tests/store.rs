@@ -215,7 +215,7 @@ async fn exercise(store: Arc<dyn Store>) {
         .await
         .expect("accept by signature");
     assert!(signed.is_some());
-    // A token recorded before digests were kept gets one, once.
+    // A token recorded without a digest gets one, once.
     store
         .insert_token(&TokenRow {
             id: "identity-old".into(),

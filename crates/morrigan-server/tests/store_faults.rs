@@ -21,7 +21,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-/// How long the test holds the database lock: more than SQLite's busy timeout was (10 s).
+/// How long the test holds the database lock: well past the store deadline (5 s by default;
+/// SQLite's busy timeout is half of it), so that every write meanwhile fails.
 const OUTAGE: Duration = Duration::from_secs(12);
 /// A store call answers within the store deadline (5 s by default); this adds slack for a
 /// loaded machine.
@@ -193,8 +194,8 @@ async fn heartbeats_flushed_while_sqlite_is_locked_land_after_the_lock() {
     }
     // Reading the ping queued the pong; this sends it.
     ws.flush().await.expect("pong sent");
-    // Longer than the flush period plus SQLite's busy timeout was (10 s): the flush that carries
-    // this pong fails.
+    // Longer than the flush period plus the store deadline: the flush that carries this pong
+    // fails.
     tokio::time::sleep_until(locked_at + Duration::from_secs(14)).await;
     lock.release().await;
 

@@ -1,5 +1,6 @@
-//! The binary's paths that had no test: the environment over `morrigan.toml` (and a flag over
-//! the environment) for `morrigan serve`, and `morrigan connection close` when it fails.
+//! The binary's configuration and failure paths: the environment over `morrigan.toml` (and a
+//! flag over the environment) for `morrigan serve`, and `morrigan connection close` when it
+//! fails.
 
 mod cli_support;
 mod harness;

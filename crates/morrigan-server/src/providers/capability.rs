@@ -1,5 +1,7 @@
-//! The capability provider: `capability.report` is persisted on the client record and served by
-//! `GET /api/core/capability/:clientId` (the original dropped it: F4).
+//! The capability provider: a valid `capability.report` (at most [`MAX_ENTRIES`] entries) replaces
+//! the capabilities stored on the client record, which `GET /api/core/capability/:clientId`
+//! serves; an invalid one, or one from a client no longer provisioned, is answered with
+//! `connection.error` and stores nothing.
 
 use async_trait::async_trait;
 use morrigan_protocol::message::Capability;

@@ -1,6 +1,6 @@
-//! The connection provider describes the connection endpoints. It handles no messages: the
-//! original crashed on `connection.<anything>` (C1); here such a message gets
-//! `connection.error` `unknownMessage`.
+//! The connection provider describes the connection endpoints. It handles no messages: a
+//! `connection.<anything>` message gets `connection.error` `unknownMessage` and the connection
+//! stays open (the original server crashed on one).
 
 use async_trait::async_trait;
 use serde_json::Value;

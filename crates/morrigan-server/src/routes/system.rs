@@ -26,8 +26,8 @@ async fn healthz(State(s): State<AppState>) -> (axum::http::StatusCode, Json<ser
     };
     (
         status,
-        // Public, so it names no node id, version or load (the original's /api-docs leaked
-        // the server id and version: S15). Operators get those from /api/core/node.
+        // Public, so it names no node id, version or load: an unauthenticated caller learns
+        // only whether the node serves. Operators get those from /api/core/node.
         Json(serde_json::json!({
             "status": if status.is_success() { "ok" } else { "stopping" },
         })),
