@@ -2,16 +2,15 @@
 //! this node's hub when the socket is here, else over the bus to exactly the node its record
 //! names; the answer says what happened, never a success that did not happen, and a failure
 //! is never carried out later (the ticket's compare-and-swap here, the bus command's deadlines
-//! there). Also what this node knows of the others ([`Peers`]) and what it does with the
-//! commands the bus brings it ([`HubCommands`]).
+//! there).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use morrigan_protocol::records::ConnectionRecord;
 
-use crate::bus::{BusCommand, BusError, BusReply, CommandHandler};
-use crate::hub::{Closed, Hub, SendError};
+use crate::bus::{BusCommand, BusError, BusReply};
+use crate::hub::{Closed, SendError};
 use crate::state::AppState;
 use crate::store::{CloseInfo, StoreError};
 
@@ -142,49 +141,6 @@ pub async fn close(s: &AppState, id: &str, code: u16, reason: &str) -> Result<()
     route(s, id, command).await
 }
 
-/// Carries out bus commands against this node's hub: what the bus hands a command that
-/// reached this node to (the bus never sees the hub).
-pub struct HubCommands {
-    pub hub: Arc<Hub>,
-    /// A fenced node carries out nothing (see [`crate::lease`]).
-    pub lease: Arc<crate::lease::Lease>,
-    /// How long a connection may take, after taking a frame, to report its outcome.
-    pub write_bound: Duration,
-}
-
-#[async_trait::async_trait]
-impl CommandHandler for HubCommands {
-    async fn handle(&self, command: BusCommand, take_by: tokio::time::Instant) -> BusReply {
-        if !self.lease.held() {
-            return BusReply::Unavailable;
-        }
-        match command {
-            BusCommand::Send {
-                connection_id,
-                text,
-            } => match self
-                .hub
-                .send(&connection_id, text, take_by, self.write_bound)
-                .await
-            {
-                Ok(()) => BusReply::Ok,
-                Err(SendError::NotHere) => BusReply::NotHere,
-                Err(SendError::Closed(_)) => BusReply::Closed,
-                Err(SendError::NotTaken) => BusReply::Timeout,
-                Err(SendError::WriteTimeout) => BusReply::WriteTimeout,
-            },
-            BusCommand::Close {
-                connection_id,
-                code,
-                reason,
-            } => match self.hub.close(&connection_id, code, &reason).await {
-                Closed::NotHere => BusReply::NotHere,
-                Closed::Closed | Closed::Forced => BusReply::Ok,
-            },
-        }
-    }
-}
-
 /// Delivers `command` for a connection this node does not hold, according to its record:
 /// 404 unknown, 409 closed or not established, else the owning node's answer (503 when it is
 /// unreachable or this node's bus is down, 504 when it gave no outcome in time). Never reports
@@ -256,65 +212,6 @@ fn owner_of<'a>(s: &AppState, record: &'a ConnectionRecord) -> Result<&'a str, D
         return Err(DeliveryError::Closed(None));
     }
     Ok(owner)
-}
-
-/// How long a node that did not acknowledge a command is treated as unreachable without
-/// asking it again.
-const UNREACHABLE_FOR: Duration = Duration::from_secs(5);
-
-/// What this node knows of the other nodes, so that a dead or frozen one costs a caller nothing:
-/// the leases read from the store (refreshed with this node's own lease), and the nodes that
-/// recently did not acknowledge a command.
-#[derive(Default)]
-pub struct Peers {
-    /// Node id → (state, lease expiry), as of the last refresh.
-    leases: std::sync::RwLock<std::collections::HashMap<String, (String, String)>>,
-    unreachable: dashmap::DashMap<String, tokio::time::Instant>,
-}
-
-impl Peers {
-    /// Replaces the lease table with `nodes` (read from the store).
-    pub fn refresh(&self, nodes: &[crate::store::NodeRow]) {
-        let table = nodes
-            .iter()
-            .map(|n| (n.id.clone(), (n.state.clone(), n.lease_expires.clone())))
-            .collect();
-        if let Ok(mut leases) = self.leases.write() {
-            *leases = table;
-        }
-        let now = tokio::time::Instant::now();
-        self.unreachable.retain(|_, until| *until > now);
-    }
-
-    /// Whether `node` may be asked: not known to be stopped, lost or past its lease, and not
-    /// recently silent. A node not yet in the table is asked.
-    pub fn reachable(&self, node: &str) -> bool {
-        if self
-            .unreachable
-            .get(node)
-            .is_some_and(|until| *until > tokio::time::Instant::now())
-        {
-            return false;
-        }
-        let now = morrigan_protocol::time_format::now();
-        match self.leases.read() {
-            Ok(leases) => match leases.get(node) {
-                Some((state, expires)) => state == "running" && *expires > now,
-                None => true,
-            },
-            Err(_) => true,
-        }
-    }
-
-    /// `node` did not acknowledge a command.
-    fn silent(&self, node: &str) {
-        if self.unreachable.len() < MAX_OWNERS {
-            self.unreachable.insert(
-                node.to_string(),
-                tokio::time::Instant::now() + UNREACHABLE_FOR,
-            );
-        }
-    }
 }
 
 /// Most remembered owners (bounded: a peer chooses the ids it sends to).

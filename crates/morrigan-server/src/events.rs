@@ -22,6 +22,35 @@ pub use morrigan_protocol::events::{ConnectionEvent, kinds};
 /// Events queued per node before publication drops them.
 pub const PUBLISH_QUEUE: usize = 4096;
 
+/// Events buffered per subscriber before it lags.
+pub const EVENT_BUFFER: usize = 1024;
+
+/// This node's event stream subscribers. Every bus backend hands each cluster event to the node
+/// once ([`crate::bus::CommandHandler::event`]); the fan-out to the subscribers happens here,
+/// never waiting: a subscriber that falls behind by [`EVENT_BUFFER`] events misses the oldest
+/// and is told how many.
+pub struct EventFanout(tokio::sync::broadcast::Sender<Arc<str>>);
+
+impl Default for EventFanout {
+    fn default() -> Self {
+        Self(tokio::sync::broadcast::channel(EVENT_BUFFER).0)
+    }
+}
+
+impl EventFanout {
+    /// Hands `event` to every current subscriber (none is not an error).
+    pub fn deliver(&self, event: &str) {
+        if self.0.receiver_count() > 0 {
+            let _ = self.0.send(Arc::from(event));
+        }
+    }
+
+    /// A new subscriber: the events delivered from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
+        self.0.subscribe()
+    }
+}
+
 /// The built-in hook: metrics and events for every connection of the node.
 pub struct Observer {
     node_id: String,

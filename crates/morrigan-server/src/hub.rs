@@ -33,6 +33,9 @@ pub struct Outgoing {
 pub const CLOSE_GRACE: Duration = Duration::from_secs(4);
 /// How long a forced connection task may take to write its record before the closer answers.
 const FORCE_WAIT: Duration = Duration::from_secs(4);
+/// Frames queued per connection before senders wait (small: a frame is taken as soon as the
+/// previous one reached the socket).
+const COMMAND_QUEUE: usize = 8;
 
 /// State shared between a connection task and the heartbeat flusher. Atomics only: a pong
 /// costs two stores and, at most once per flush period, one channel push.
@@ -253,7 +256,7 @@ impl Hub {
     /// fail. `None` if an entry with that id exists (a replay racing the first use).
     pub fn reserve(self: &Arc<Self>, id: &str, now_ms: i64) -> Option<Reservation> {
         let id: Arc<str> = Arc::from(id);
-        let (tx, rx) = mpsc::channel(crate::session::COMMAND_QUEUE);
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let handle = ConnHandle {
             tx,
             liveness: Arc::new(Liveness::new(now_ms)),

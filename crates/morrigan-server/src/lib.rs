@@ -35,6 +35,7 @@ pub mod listener;
 pub mod metrics;
 pub mod node;
 pub mod passwords;
+pub mod peers;
 pub mod providers;
 pub mod records;
 pub mod routes;

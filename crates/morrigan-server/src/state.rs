@@ -33,6 +33,8 @@ pub struct Inner {
     pub lease: Arc<crate::lease::Lease>,
     /// Reaches the node holding a socket that is not here.
     pub bus: Arc<dyn Bus>,
+    /// This node's event stream subscribers (fed by the bus).
+    pub events: Arc<crate::events::EventFanout>,
     pub providers: Providers,
     pub hooks: Arc<[Arc<dyn Hooks>]>,
     /// What message providers may use (see [`crate::providers::Services`]).
@@ -49,8 +51,8 @@ pub struct Inner {
     pub login_throttle: crate::throttle::LoginThrottle,
     /// The node of each remote connection this node has sent to (see [`crate::delivery::route`]).
     pub owners: dashmap::DashMap<String, Arc<str>>,
-    /// The other nodes' leases and recent silence (see [`crate::delivery::Peers`]).
-    pub peers: crate::delivery::Peers,
+    /// The other nodes' leases and recent silence (see [`crate::peers::Peers`]).
+    pub peers: crate::peers::Peers,
     /// This node's Prometheus registry (`GET /metrics`).
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The counts and caps of the sockets this node holds.

@@ -7,15 +7,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dashmap::DashMap;
-use tokio::sync::broadcast;
 
 use super::{Bus, BusCommand, BusError, BusReply, CommandHandler};
 
 /// A registry of in-process nodes. Share one `Arc<LocalBus>` between nodes of a cluster.
 pub struct LocalBus {
     nodes: DashMap<String, Weak<dyn CommandHandler>>,
-    /// Events of every in-process node.
-    events: broadcast::Sender<Arc<str>>,
     /// How long after its take deadline a node may still report a frame's outcome.
     write_bound: std::sync::Mutex<Duration>,
 }
@@ -24,7 +21,6 @@ impl Default for LocalBus {
     fn default() -> Self {
         Self {
             nodes: DashMap::new(),
-            events: broadcast::channel(super::EVENT_BUFFER).0,
             write_bound: std::sync::Mutex::new(Duration::from_secs(11)),
         }
     }
@@ -76,13 +72,11 @@ impl Bus for LocalBus {
     }
 
     async fn publish_event(&self, event: &str) -> Result<(), BusError> {
-        // No subscriber is not an error.
-        let _ = self.events.send(Arc::from(event));
+        let handlers: Vec<_> = self.nodes.iter().filter_map(|n| n.upgrade()).collect();
+        for handler in handlers {
+            handler.event(event);
+        }
         Ok(())
-    }
-
-    fn subscribe_events(&self) -> broadcast::Receiver<Arc<str>> {
-        self.events.subscribe()
     }
 
     fn name(&self) -> &'static str {

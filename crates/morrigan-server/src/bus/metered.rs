@@ -46,10 +46,6 @@ impl Bus for MeteredBus {
         r
     }
 
-    fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
-        self.inner.subscribe_events()
-    }
-
     fn name(&self) -> &'static str {
         self.inner.name()
     }

@@ -24,7 +24,6 @@ pub mod nats;
 pub mod postgres;
 pub(crate) mod rpc;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -84,12 +83,17 @@ pub enum BusError {
     Transport(String),
 }
 
-/// What a node does with a command that reached it. The node implements it over its hub; the
-/// bus only carries commands and answers.
+/// What a node does with what the bus brings it: commands for its sockets and the cluster's
+/// events. The node implements it over its hub and its event subscribers; the bus only carries
+/// commands, answers and events, and hands each to the node once.
 #[async_trait]
 pub trait CommandHandler: Send + Sync + 'static {
     /// Carries out `command`; a frame must be taken by `take_by`.
     async fn handle(&self, command: BusCommand, take_by: tokio::time::Instant) -> BusReply;
+
+    /// An event some node (this one included) published. Must not wait: the bus's receiving
+    /// task calls it.
+    fn event(&self, event: &str);
 }
 
 /// Carries commands between nodes.
@@ -104,12 +108,9 @@ pub trait Bus: Send + Sync + 'static {
         timeout: Duration,
     ) -> Result<BusReply, BusError>;
 
-    /// Publishes a cluster event (a JSON object) to the event subscribers of every node, this
-    /// one included. At most once: a subscriber that lags or a lost notification misses it.
+    /// Publishes a cluster event (a JSON object) to every node, this one included, whose
+    /// [`CommandHandler::event`] receives it. At most once: a lost notification misses it.
     async fn publish_event(&self, event: &str) -> Result<(), BusError>;
-
-    /// The events every node publishes (see [`Bus::publish_event`]).
-    fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<Arc<str>>;
 
     /// The backend's name, for logs and `/healthz`.
     fn name(&self) -> &'static str;
@@ -120,9 +121,6 @@ pub trait Bus: Send + Sync + 'static {
         false
     }
 }
-
-/// Events buffered per subscriber before it lags.
-pub const EVENT_BUFFER: usize = 1024;
 
 /// Which bus a node uses.
 #[derive(Debug, Clone, Default, PartialEq)]

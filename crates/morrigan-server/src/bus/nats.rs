@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::rpc::{Envelope, Rpc, Transport};
@@ -85,7 +84,6 @@ impl Transport for Client {
 pub struct NatsBus {
     client: Arc<Client>,
     rpc: Arc<Rpc>,
-    events: broadcast::Sender<Arc<str>>,
 }
 
 impl NatsBus {
@@ -120,9 +118,8 @@ impl NatsBus {
                 node_id: node_id.to_string(),
             }),
             rpc: Arc::new(Rpc::new(node_id, store, write_bound)),
-            events: broadcast::channel(super::EVENT_BUFFER).0,
         });
-        let events = bus.events.clone();
+        let events = handler.clone();
         let stop_events = stop.clone();
         tokio::spawn(async move {
             loop {
@@ -132,7 +129,7 @@ impl NatsBus {
                 };
                 let Some(msg) = msg else { break };
                 if let Ok(text) = std::str::from_utf8(&msg.payload) {
-                    let _ = events.send(Arc::from(text));
+                    events.event(text);
                 }
             }
             let _ = event_sub.unsubscribe().await;
@@ -211,10 +208,6 @@ impl Bus for NatsBus {
                     .publish(EVENTS_SUBJECT, event.to_string().into_bytes().into()),
             )
             .await
-    }
-
-    fn subscribe_events(&self) -> broadcast::Receiver<Arc<str>> {
-        self.events.subscribe()
     }
 
     fn name(&self) -> &'static str {

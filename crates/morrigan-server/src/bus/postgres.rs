@@ -16,7 +16,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::rpc::{Envelope, Rpc, Transport, now_ms};
@@ -90,7 +89,6 @@ pub struct PgBus {
     notifier: Arc<Notifier>,
     rpc: Arc<Rpc>,
     node_id: String,
-    events: broadcast::Sender<Arc<str>>,
 }
 
 impl PgBus {
@@ -119,7 +117,6 @@ impl PgBus {
             notifier: notifier.clone(),
             rpc: Arc::new(Rpc::new(node_id, store, write_bound)),
             node_id: node_id.to_string(),
-            events: broadcast::channel(super::EVENT_BUFFER).0,
         });
         let pulse = notifier.clone();
         let stop_pulse = stop.clone();
@@ -145,7 +142,7 @@ impl PgBus {
                 };
                 match received {
                     Ok(Some(n)) if n.channel() == EVENTS_CHANNEL => {
-                        let _ = me.events.send(Arc::from(n.payload()));
+                        handler.event(n.payload());
                     }
                     Ok(Some(n)) if n.payload() == PULSE => {
                         me.notifier.last_pulse.store(now_ms(), Ordering::Release);
@@ -205,10 +202,6 @@ impl Bus for PgBus {
             return Err(BusError::Transport("event too large for NOTIFY".into()));
         }
         self.notifier.notify(EVENTS_CHANNEL, event).await
-    }
-
-    fn subscribe_events(&self) -> broadcast::Receiver<Arc<str>> {
-        self.events.subscribe()
     }
 
     fn name(&self) -> &'static str {

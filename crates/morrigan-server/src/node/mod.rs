@@ -6,6 +6,7 @@
 //!
 //! The accept loop and the caps on sockets are in [`crate::listener`].
 
+mod handler;
 mod lifecycle;
 mod open;
 mod stop;
@@ -26,7 +27,6 @@ use crate::bus::local::LocalBus;
 use crate::bus::{Bus, BusConfig, CommandHandler};
 use crate::config::Config;
 use crate::credentials::Credentials;
-use crate::delivery::HubCommands;
 use crate::hooks::Hooks;
 use crate::hub::Hub;
 use crate::lease::Lease;
@@ -160,10 +160,12 @@ impl ServerBuilder {
         );
         let lease = Arc::new(Lease::new(networked));
         lease.renewed(registered_at, config.node_lease);
-        let commands: Arc<dyn CommandHandler> = Arc::new(HubCommands {
+        let events = Arc::new(crate::events::EventFanout::default());
+        let commands: Arc<dyn CommandHandler> = Arc::new(handler::BusHandler {
             hub: hub.clone(),
             lease: lease.clone(),
             write_bound,
+            events: events.clone(),
         });
         let bus = open::open_bus(
             &config,
@@ -207,6 +209,7 @@ impl ServerBuilder {
             hub,
             lease,
             bus,
+            events,
             providers: self.providers,
             hooks,
             services,

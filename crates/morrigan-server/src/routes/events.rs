@@ -42,7 +42,7 @@ async fn events(
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     user.require(&[functions::API])?;
     tracing::debug!(by = %user.identity.name, "event stream opened");
-    let rx = s.bus.subscribe_events();
+    let rx = s.events.subscribe();
     let sub = Subscription::new(s.metrics.clone());
     let ready = Event::default()
         .event(kinds::READY)

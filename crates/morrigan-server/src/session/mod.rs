@@ -39,9 +39,6 @@ use crate::ticket::SendError;
 use inbound::{Inbound, Inbox, RateLimit, error_frame};
 use wire::{AppendError, Io, Wire};
 
-/// Frames queued per connection before senders wait (small: a frame is taken as soon as the
-/// previous one reached the socket).
-pub const COMMAND_QUEUE: usize = 8;
 /// How long a connection that is ending still handles the messages its device sent before.
 const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
