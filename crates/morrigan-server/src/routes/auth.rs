@@ -16,11 +16,13 @@ use utoipa_axum::routes;
 
 use super::ApiJson;
 use super::extract::{ClientAddress, User};
+use super::responses::{BadRequest, NotFound, Refused};
 use crate::auth::{self, functions};
 use crate::error::{ApiError, ApiResult};
 use crate::passwords::HashError;
 use crate::state::AppState;
 use crate::store::{IdentityChange, IdentityRow};
+use morrigan_protocol::api::ErrorBody;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -61,10 +63,10 @@ fn invalid_login() -> ApiError {
 /// `Retry-After` when none is free in time.
 #[utoipa::path(post, path = "/api/auth", tag = "auth", request_body = LoginRequest,
     responses((status = 200, body = TokenResponse),
-              (status = 400, description = "Malformed body", body = morrigan_protocol::api::ErrorBody),
-              (status = 403, description = "Invalid username/password", body = morrigan_protocol::api::ErrorBody),
-              (status = 429, description = "Too many failed logins from this address or for this name; see Retry-After", body = morrigan_protocol::api::ErrorBody),
-              (status = 503, description = "Too many logins in progress; see Retry-After", body = morrigan_protocol::api::ErrorBody)))]
+              (status = 400, description = "Malformed body", body = ErrorBody),
+              (status = 403, description = "Invalid username/password", body = ErrorBody),
+              (status = 429, description = "Too many failed logins from this address or for this name; see Retry-After", body = ErrorBody),
+              (status = 503, description = "Too many logins in progress; see Retry-After", body = ErrorBody)))]
 async fn login(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -126,8 +128,7 @@ async fn login(
 /// Lists identities (function `auth.identity.get.all`).
 #[utoipa::path(get, path = "/api/auth/identity", tag = "auth", security(("userToken" = [])),
     responses((status = 200, body = IdentityList),
-              (status = 401, body = morrigan_protocol::api::ErrorBody),
-              (status = 403, body = morrigan_protocol::api::ErrorBody)))]
+              Refused))]
 async fn list_identities(State(s): State<AppState>, user: User) -> ApiResult<Json<IdentityList>> {
     user.require(&[functions::IDENTITY_GET_ALL])?;
     let rows = s.store.identities().await?;
@@ -174,9 +175,8 @@ fn check_name(name: &str) -> ApiResult<()> {
 #[utoipa::path(post, path = "/api/auth/identity", tag = "auth", security(("userToken" = [])),
     request_body = IdentityRequest,
     responses((status = 200, body = IdentityResponse),
-              (status = 400, body = morrigan_protocol::api::ErrorBody),
-              (status = 401, body = morrigan_protocol::api::ErrorBody),
-              (status = 403, body = morrigan_protocol::api::ErrorBody)))]
+              BadRequest,
+              Refused))]
 async fn create_identity(
     State(s): State<AppState>,
     user: User,
@@ -219,7 +219,7 @@ async fn create_identity(
 
 /// The caller's own identity.
 #[utoipa::path(get, path = "/api/auth/identity/me", tag = "auth", security(("userToken" = [])),
-    responses((status = 200, body = IdentityResponse), (status = 401, body = morrigan_protocol::api::ErrorBody)))]
+    responses((status = 200, body = IdentityResponse), (status = 401, body = ErrorBody)))]
 async fn get_me(user: User) -> Json<IdentityResponse> {
     identity_body(&user.identity)
 }
@@ -229,9 +229,9 @@ async fn get_me(user: User) -> Json<IdentityResponse> {
 #[utoipa::path(patch, path = "/api/auth/identity/me", tag = "auth", security(("userToken" = [])),
     request_body = IdentityRequest,
     responses((status = 200, body = IdentityResponse),
-              (status = 400, body = morrigan_protocol::api::ErrorBody),
-              (status = 401, body = morrigan_protocol::api::ErrorBody),
-              (status = 403, description = "Tried to change functions", body = morrigan_protocol::api::ErrorBody)))]
+              BadRequest,
+              (status = 401, body = ErrorBody),
+              (status = 403, description = "Tried to change functions", body = ErrorBody)))]
 async fn patch_me(
     State(s): State<AppState>,
     user: User,
@@ -301,9 +301,8 @@ async fn apply_patch(
 #[utoipa::path(get, path = "/api/auth/identity/{id}", tag = "auth", security(("userToken" = [])),
     params(("id" = String, Path, description = "Identity id")),
     responses((status = 200, body = IdentityResponse),
-              (status = 401, body = morrigan_protocol::api::ErrorBody),
-              (status = 403, body = morrigan_protocol::api::ErrorBody),
-              (status = 404, body = morrigan_protocol::api::ErrorBody)))]
+              Refused,
+              NotFound))]
 async fn get_identity(
     State(s): State<AppState>,
     user: User,
@@ -324,11 +323,10 @@ async fn get_identity(
 #[utoipa::path(patch, path = "/api/auth/identity/{id}", tag = "auth", security(("userToken" = [])),
     params(("id" = String, Path, description = "Identity id")), request_body = IdentityRequest,
     responses((status = 200, body = IdentityResponse),
-              (status = 400, body = morrigan_protocol::api::ErrorBody),
-              (status = 401, body = morrigan_protocol::api::ErrorBody),
-              (status = 403, body = morrigan_protocol::api::ErrorBody),
-              (status = 404, body = morrigan_protocol::api::ErrorBody),
-              (status = 409, description = "The last identity holding every function would lose one", body = morrigan_protocol::api::ErrorBody)))]
+              BadRequest,
+              Refused,
+              NotFound,
+              (status = 409, description = "The last identity holding every function would lose one", body = ErrorBody)))]
 async fn patch_identity(
     State(s): State<AppState>,
     user: User,
@@ -358,10 +356,9 @@ async fn patch_identity(
 #[utoipa::path(delete, path = "/api/auth/identity/{id}", tag = "auth", security(("userToken" = [])),
     params(("id" = String, Path, description = "Identity id")),
     responses((status = 200, body = Value),
-              (status = 401, body = morrigan_protocol::api::ErrorBody),
-              (status = 403, body = morrigan_protocol::api::ErrorBody),
-              (status = 404, body = morrigan_protocol::api::ErrorBody),
-              (status = 409, description = "The last identity holding every function", body = morrigan_protocol::api::ErrorBody)))]
+              Refused,
+              NotFound,
+              (status = 409, description = "The last identity holding every function", body = ErrorBody)))]
 async fn delete_identity(
     State(s): State<AppState>,
     user: User,

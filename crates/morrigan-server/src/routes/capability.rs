@@ -8,9 +8,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::extract::User;
+use super::responses::Refused;
 use crate::auth::functions;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
+use morrigan_protocol::api::ErrorBody;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -21,8 +23,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 /// One entry per provider: name, version, messages, endpoints, functions.
 #[utoipa::path(get, path = "/api/core/capability", tag = "capability", security(("userToken" = [])),
     responses((status = 200, body = Vec<Capability>),
-              (status = 401, body = morrigan_protocol::api::ErrorBody),
-              (status = 403, body = morrigan_protocol::api::ErrorBody)))]
+              Refused))]
 async fn list_capabilities(
     State(s): State<AppState>,
     user: User,
@@ -35,9 +36,8 @@ async fn list_capabilities(
 #[utoipa::path(get, path = "/api/core/capability/{clientId}", tag = "capability", security(("userToken" = [])),
     params(("clientId" = String, Path)),
     responses((status = 200, description = "{clientId, capabilities, reported}", body = Value),
-              (status = 401, body = morrigan_protocol::api::ErrorBody),
-              (status = 403, body = morrigan_protocol::api::ErrorBody),
-              (status = 404, description = "No such client, or it has not reported", body = morrigan_protocol::api::ErrorBody)))]
+              Refused,
+              (status = 404, description = "No such client, or it has not reported", body = ErrorBody)))]
 async fn client_capabilities(
     State(s): State<AppState>,
     user: User,

@@ -11,6 +11,7 @@ use utoipa_axum::routes;
 
 use super::ApiJson;
 use super::extract::User;
+use super::responses::{BadRequest, NotFound, Refused};
 use crate::auth::functions;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
@@ -34,9 +35,8 @@ pub fn valid_client_id(id: &str) -> bool {
 #[utoipa::path(post, path = "/api/core/client/provision", tag = "client", security(("userToken" = [])),
     request_body = ProvisionRequest,
     responses((status = 200, description = "The identity token, as a JSON string literal", body = String),
-              (status = 400, body = morrigan_protocol::api::ErrorBody),
-              (status = 401, body = morrigan_protocol::api::ErrorBody),
-              (status = 403, body = morrigan_protocol::api::ErrorBody)))]
+              BadRequest,
+              Refused))]
 async fn provision(
     State(s): State<AppState>,
     user: User,
@@ -61,8 +61,7 @@ async fn provision(
 /// Lists provisioned clients.
 #[utoipa::path(get, path = "/api/core/client", tag = "client", security(("userToken" = [])),
     responses((status = 200, body = Vec<Value>),
-              (status = 401, body = morrigan_protocol::api::ErrorBody),
-              (status = 403, body = morrigan_protocol::api::ErrorBody)))]
+              Refused))]
 async fn list_clients(State(s): State<AppState>, user: User) -> ApiResult<Json<Vec<ClientRecord>>> {
     user.require(&[functions::API])?;
     Ok(Json(s.store.clients().await?))
@@ -72,9 +71,8 @@ async fn list_clients(State(s): State<AppState>, user: User) -> ApiResult<Json<V
 #[utoipa::path(get, path = "/api/core/client/{clientId}", tag = "client", security(("userToken" = [])),
     params(("clientId" = String, Path)),
     responses((status = 200, body = Value),
-              (status = 401, body = morrigan_protocol::api::ErrorBody),
-              (status = 403, body = morrigan_protocol::api::ErrorBody),
-              (status = 404, body = morrigan_protocol::api::ErrorBody)))]
+              Refused,
+              NotFound))]
 async fn get_client(
     State(s): State<AppState>,
     user: User,
@@ -93,9 +91,8 @@ async fn get_client(
 #[utoipa::path(delete, path = "/api/core/client/{clientId}", tag = "client", security(("userToken" = [])),
     params(("clientId" = String, Path)),
     responses((status = 200, body = Value),
-              (status = 401, body = morrigan_protocol::api::ErrorBody),
-              (status = 403, body = morrigan_protocol::api::ErrorBody),
-              (status = 404, body = morrigan_protocol::api::ErrorBody)))]
+              Refused,
+              NotFound))]
 async fn delete_client(
     State(s): State<AppState>,
     user: User,

@@ -20,6 +20,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::extract::{ClientAddress, User};
+use super::responses::{BadRequest, Conflict, NotFound, Refused, Timeout, Unavailable};
 use super::upgrade::{Socket, Upgrade};
 use crate::admission::{self, Admitted, Refusal};
 use crate::auth::functions;
@@ -27,6 +28,7 @@ use crate::delivery::{self, DeliveryError};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use crate::store::{CloseInfo, ConnectionFilter};
+use morrigan_protocol::api::ErrorBody;
 
 /// Largest page of records one list call returns.
 pub const MAX_LIST: u32 = 10_000;
@@ -61,8 +63,8 @@ fn identity_refused(reason: impl Into<String>) -> ApiError {
     security(("identityToken" = [])),
     request_body(content = Option<Value>, description = "Ignored (the original device sends {idtoken, traceId})"),
     responses((status = 200, body = TokenResponse),
-              (status = 400, description = "No token provided", body = morrigan_protocol::api::ErrorBody),
-              (status = 403, description = "Identity token invalid, expired, revoked, or client deprovisioned", body = morrigan_protocol::api::ErrorBody)))]
+              (status = 400, description = "No token provided", body = ErrorBody),
+              (status = 403, description = "Identity token invalid, expired, revoked, or client deprovisioned", body = ErrorBody)))]
 async fn request_token(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -117,9 +119,8 @@ pub struct ListQuery {
 #[utoipa::path(get, path = "/api/core/connection", tag = "connection", security(("userToken" = [])),
     params(ListQuery),
     responses((status = 200, body = Vec<Value>),
-              (status = 400, body = morrigan_protocol::api::ErrorBody),
-              (status = 401, body = morrigan_protocol::api::ErrorBody),
-              (status = 403, body = morrigan_protocol::api::ErrorBody)))]
+              BadRequest,
+              Refused))]
 async fn list_connections(
     State(s): State<AppState>,
     user: User,
@@ -140,9 +141,8 @@ async fn list_connections(
 #[utoipa::path(get, path = "/api/core/connection/{id}", tag = "connection", security(("userToken" = [])),
     params(("id" = String, Path, description = "Connection id")),
     responses((status = 200, body = Value),
-              (status = 401, body = morrigan_protocol::api::ErrorBody),
-              (status = 403, body = morrigan_protocol::api::ErrorBody),
-              (status = 404, body = morrigan_protocol::api::ErrorBody)))]
+              Refused,
+              NotFound))]
 async fn get_connection(
     State(s): State<AppState>,
     user: User,
@@ -161,13 +161,13 @@ async fn get_connection(
     params(("id" = String, Path, description = "Connection id")),
     request_body(content = Value, description = "A JSON object with a string `type` (`<provider>.<message>`); delivered as sent"),
     responses((status = 200, body = StatusResponse),
-              (status = 400, description = "Not a JSON object with a valid type", body = morrigan_protocol::api::ErrorBody),
-              (status = 401, body = morrigan_protocol::api::ErrorBody),
-              (status = 403, description = "Missing function connection.send", body = morrigan_protocol::api::ErrorBody),
-              (status = 404, body = morrigan_protocol::api::ErrorBody),
-              (status = 409, description = "Connection closed or not established", body = morrigan_protocol::api::ErrorBody),
-              (status = 503, body = morrigan_protocol::api::ErrorBody),
-              (status = 504, body = morrigan_protocol::api::ErrorBody)))]
+              (status = 400, description = "Not a JSON object with a valid type", body = ErrorBody),
+              (status = 401, body = ErrorBody),
+              (status = 403, description = "Missing function connection.send", body = ErrorBody),
+              NotFound,
+              (status = 409, description = "Connection closed or not established", body = ErrorBody),
+              Unavailable,
+              Timeout))]
 async fn send(
     State(s): State<AppState>,
     user: User,
@@ -218,11 +218,10 @@ pub struct CloseQuery {
 #[utoipa::path(delete, path = "/api/core/connection/{id}", tag = "connection", security(("userToken" = [])),
     params(("id" = String, Path, description = "Connection id"), CloseQuery),
     responses((status = 200, body = StatusResponse),
-              (status = 401, body = morrigan_protocol::api::ErrorBody),
-              (status = 403, body = morrigan_protocol::api::ErrorBody),
-              (status = 404, body = morrigan_protocol::api::ErrorBody),
-              (status = 409, body = morrigan_protocol::api::ErrorBody),
-              (status = 503, body = morrigan_protocol::api::ErrorBody)))]
+              Refused,
+              NotFound,
+              Conflict,
+              Unavailable))]
 async fn close_connection(
     State(s): State<AppState>,
     user: User,
@@ -327,9 +326,9 @@ fn connect_refused(r: Refusal, peer: SocketAddr) -> ApiError {
 #[utoipa::path(get, path = "/api/core/connection/connect", tag = "connection",
     security(("connectionToken" = [])),
     responses((status = 101, description = "Switching protocols: WebSocket accepted"),
-              (status = 401, description = "No token, or a malformed, invalid or expired token", body = morrigan_protocol::api::ErrorBody),
-              (status = 403, description = "Token already used, connection closed, or refused by a hook", body = morrigan_protocol::api::ErrorBody),
-              (status = 426, description = "Not a WebSocket upgrade", body = morrigan_protocol::api::ErrorBody)))]
+              (status = 401, description = "No token, or a malformed, invalid or expired token", body = ErrorBody),
+              (status = 403, description = "Token already used, connection closed, or refused by a hook", body = ErrorBody),
+              (status = 426, description = "Not a WebSocket upgrade", body = ErrorBody)))]
 async fn connect(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,

@@ -14,6 +14,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::extract::User;
+use super::responses::Refused;
 use crate::auth::functions;
 use crate::error::ApiResult;
 use crate::events::kinds;
@@ -34,8 +35,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 #[utoipa::path(get, path = "/api/core/connection/events", tag = "connection", security(("userToken" = [])),
     responses((status = 200, description = "An event stream (text/event-stream); each data line is a ConnectionEvent",
                 content_type = "text/event-stream", body = crate::events::ConnectionEvent),
-              (status = 401, body = morrigan_protocol::api::ErrorBody),
-              (status = 403, body = morrigan_protocol::api::ErrorBody)))]
+              Refused))]
 async fn events(
     State(s): State<AppState>,
     user: User,

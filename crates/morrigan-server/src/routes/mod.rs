@@ -9,6 +9,7 @@ pub mod events;
 pub mod extract;
 pub mod limits;
 pub mod node;
+mod responses;
 pub mod system;
 pub mod ui;
 pub mod upgrade;

@@ -6,6 +6,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::extract::User;
+use super::responses::Refused;
 use crate::auth::functions;
 use crate::error::ApiResult;
 use crate::state::AppState;
@@ -19,8 +20,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 /// (`running`, `stopped` after a clean stop, `lost` when its lease lapsed).
 #[utoipa::path(get, path = "/api/core/node", tag = "node", security(("userToken" = [])),
     responses((status = 200, body = Vec<NodeRow>),
-              (status = 401, body = morrigan_protocol::api::ErrorBody),
-              (status = 403, body = morrigan_protocol::api::ErrorBody)))]
+              Refused))]
 async fn list_nodes(State(s): State<AppState>, user: User) -> ApiResult<Json<Vec<NodeRow>>> {
     user.require(&[functions::API])?;
     Ok(Json(s.store.nodes().await?))
