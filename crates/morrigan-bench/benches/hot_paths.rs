@@ -13,7 +13,7 @@ use morrigan_protocol::message::MessageType;
 use morrigan_protocol::records::ConnectionRecord;
 use morrigan_server::providers::Providers;
 use morrigan_server::store::sqlite::SqliteStore;
-use morrigan_server::tokens::Tokens;
+use morrigan_server::testing::Tokens;
 
 fn routing(c: &mut Criterion) {
     let providers = Providers::builtin();

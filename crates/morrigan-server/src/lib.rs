@@ -18,35 +18,44 @@
 //! * [`store`]: the persistence trait and one file per backend.
 //! * [`metrics`], [`events`]: Prometheus metrics and the connection event stream.
 
-pub mod admission;
-pub mod auth;
+pub(crate) mod admission;
+pub(crate) mod auth;
 pub mod bus;
 pub mod config;
-pub mod credentials;
-pub mod delivery;
-pub mod error;
-pub mod events;
-pub mod forwarded;
-pub mod heartbeat;
+pub(crate) mod credentials;
+pub(crate) mod delivery;
+pub(crate) mod error;
+pub(crate) mod events;
+pub(crate) mod forwarded;
+pub(crate) mod heartbeat;
 pub mod hooks;
-pub mod hub;
-pub mod lease;
-pub mod listener;
-pub mod metrics;
-pub mod node;
-pub mod passwords;
-pub mod peers;
+pub(crate) mod hub;
+pub(crate) mod lease;
+pub(crate) mod listener;
+pub(crate) mod metrics;
+pub(crate) mod node;
+pub(crate) mod passwords;
+pub(crate) mod peers;
 pub mod providers;
-pub mod records;
-pub mod routes;
-pub mod session;
-pub mod state;
+pub(crate) mod records;
+pub(crate) mod routes;
+pub(crate) mod session;
+pub(crate) mod state;
 pub mod store;
-pub mod throttle;
-pub mod ticket;
-pub mod tls;
-pub mod tokens;
+pub(crate) mod throttle;
+pub(crate) mod ticket;
+pub(crate) mod tls;
+pub(crate) mod tokens;
 
 pub use config::{Config, TlsFiles};
 pub use node::{Server, ServerBuilder, StartError};
 pub use state::AppState;
+
+/// Internals the integration tests and benchmarks drive directly; not part of the embedder API.
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::forwarded::client_address;
+    pub use crate::node::lifecycle::upkeep_once;
+    pub use crate::routes::ui::UNDOCUMENTED;
+    pub use crate::tokens::{Tokens, digest};
+}

@@ -60,7 +60,7 @@ async fn start(
         .await
         .expect("node starts");
     let base = format!("http://{}", server.local_addr());
-    let id = server.state().node_id.to_string();
+    let id = server.state().node_id().to_string();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(server.run(async {
         let _ = rx.await;

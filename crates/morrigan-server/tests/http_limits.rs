@@ -399,7 +399,7 @@ async fn past_the_http_cap_new_connections_are_closed_at_once_and_devices_are_se
     let mut device = node.device("connected-before").await;
     // Only the device's WebSocket is left: wait until no plain HTTP connection is open.
     let deadline = Instant::now() + WAIT;
-    while node.state().admission.http_connections() > 0 {
+    while node.state().http_connections() > 0 {
         assert!(Instant::now() < deadline, "HTTP connections left open");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

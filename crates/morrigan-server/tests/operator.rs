@@ -254,7 +254,7 @@ async fn start_on_bus(
         .await
         .expect("node starts");
     let base = format!("http://{}", server.local_addr());
-    let id = server.state().node_id.to_string();
+    let id = server.state().node_id().to_string();
     tokio::spawn(server.run(std::future::pending()));
     (base, id)
 }
@@ -588,7 +588,7 @@ async fn openapi_document_is_valid_and_complete() {
             if path.ends_with("routes/ui.rs") {
                 assert_eq!(
                     plain,
-                    morrigan_server::routes::ui::UNDOCUMENTED.len(),
+                    morrigan_server::testing::UNDOCUMENTED.len(),
                     "every route in ui.rs is listed in UNDOCUMENTED"
                 );
             } else {
@@ -629,7 +629,7 @@ async fn openapi_document_is_valid_and_complete() {
         );
     }
     // And every declared non-API route is served.
-    for path in morrigan_server::routes::ui::UNDOCUMENTED {
+    for path in morrigan_server::testing::UNDOCUMENTED {
         let concrete = path
             .replace("{*file}", "swagger-ui.css")
             .replace("{file}", "app.js");

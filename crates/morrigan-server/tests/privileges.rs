@@ -10,7 +10,7 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 
 use common::{ADMIN_PASSWORD, Node};
-use morrigan_server::auth::functions::{self, ALL};
+use morrigan_protocol::functions::{self, ALL};
 use reqwest::Method;
 use serde_json::{Value, json};
 

@@ -14,7 +14,7 @@ use common::{How, Node};
 use futures_util::SinkExt;
 use morrigan_protocol::api::audience;
 use morrigan_protocol::message::{Capability, ConnectionError, error_kinds, is_valid_type};
-use morrigan_server::tokens::{Tokens, digest};
+use morrigan_server::testing::{Tokens, digest};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{Value, json};
@@ -423,8 +423,8 @@ fn the_client_address_is_the_peer_or_a_hop_a_trusted_proxy_names() {
 
     let mut structured = runner(1000);
     let result = structured.run(&(peer(), forwarding()), |(peer, fwd)| {
-        let got = morrigan_server::forwarded::client_address(
-            &state.config.trusted_proxies,
+        let got = morrigan_server::testing::client_address(
+            &state.config().trusted_proxies,
             peer,
             &fwd.headers(),
         );
@@ -452,7 +452,7 @@ fn the_client_address_is_the_peer_or_a_hop_a_trusted_proxy_names() {
             }
         }
         let got =
-            morrigan_server::forwarded::client_address(&state.config.trusted_proxies, peer, &h);
+            morrigan_server::testing::client_address(&state.config().trusted_proxies, peer, &h);
         let ip: IpAddr = got.parse().map_err(|_| TestCaseError::fail(got.clone()))?;
         if !trusted(&peer.ip()) {
             prop_assert_eq!(ip, peer.ip());

@@ -122,7 +122,7 @@ impl Node {
                 builder = builder.local_bus(bus);
             }
             let server = builder.build().await.expect("server starts");
-            let _ = ready_tx.send((server.local_addr(), server.state().node_id.to_string()));
+            let _ = ready_tx.send((server.local_addr(), server.state().node_id().to_string()));
             server
                 .run(async {
                     let _ = rx.await;

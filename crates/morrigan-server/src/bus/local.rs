@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dashmap::DashMap;
 
-use super::{Bus, BusCommand, BusError, BusReply, CommandHandler};
+use super::{Answer, Bus, BusCommand, BusError, CommandHandler};
 
 /// A registry of in-process nodes. Share one `Arc<LocalBus>` between nodes of a cluster.
 pub struct LocalBus {
@@ -49,12 +49,7 @@ impl LocalBus {
 
 #[async_trait]
 impl Bus for LocalBus {
-    async fn request(
-        &self,
-        node_id: &str,
-        command: BusCommand,
-        timeout: Duration,
-    ) -> Result<BusReply, BusError> {
+    async fn request(&self, node_id: &str, command: BusCommand, timeout: Duration) -> Answer {
         let handler = self
             .nodes
             .get(node_id)

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Bus, BusCommand, BusError, BusReply};
+use super::{Answer, Bus, BusCommand, BusError, BusReply};
 use crate::metrics::Metrics;
 
 /// Times every bus call.
@@ -16,12 +16,7 @@ pub struct MeteredBus {
 
 #[async_trait]
 impl Bus for MeteredBus {
-    async fn request(
-        &self,
-        node_id: &str,
-        command: BusCommand,
-        timeout: Duration,
-    ) -> Result<BusReply, BusError> {
+    async fn request(&self, node_id: &str, command: BusCommand, timeout: Duration) -> Answer {
         let started = Instant::now();
         let r = self.inner.request(node_id, command, timeout).await;
         let outcome = match &r {

@@ -20,8 +20,8 @@
 
 pub mod local;
 pub(crate) mod metered;
-pub mod nats;
-pub mod postgres;
+pub(crate) mod nats;
+pub(crate) mod postgres;
 pub(crate) mod rpc;
 
 use std::time::Duration;
@@ -83,6 +83,9 @@ pub enum BusError {
     Transport(String),
 }
 
+/// The owning node's answer to a command, or why there is none.
+pub type Answer = Result<BusReply, BusError>;
+
 /// What a node does with what the bus brings it: commands for its sockets and the cluster's
 /// events. The node implements it over its hub and its event subscribers; the bus only carries
 /// commands, answers and events, and hands each to the node once.
@@ -101,12 +104,7 @@ pub trait CommandHandler: Send + Sync + 'static {
 pub trait Bus: Send + Sync + 'static {
     /// Sends `command` to node `node_id`; its frame must be taken within `timeout`. Waits for
     /// the node's answer (see the module documentation for the bounds).
-    async fn request(
-        &self,
-        node_id: &str,
-        command: BusCommand,
-        timeout: Duration,
-    ) -> Result<BusReply, BusError>;
+    async fn request(&self, node_id: &str, command: BusCommand, timeout: Duration) -> Answer;
 
     /// Publishes a cluster event (a JSON object) to every node, this one included, whose
     /// [`CommandHandler::event`] receives it. At most once: a lost notification misses it.

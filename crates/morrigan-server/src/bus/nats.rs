@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::rpc::{Envelope, Rpc, Transport};
-use super::{Bus, BusCommand, BusError, BusReply, CommandHandler};
+use super::{Answer, Bus, BusCommand, BusError, CommandHandler};
 use crate::store::Store;
 
 /// The subject every node subscribes to for cluster events.
@@ -189,12 +189,7 @@ impl NatsBus {
 
 #[async_trait]
 impl Bus for NatsBus {
-    async fn request(
-        &self,
-        node_id: &str,
-        command: BusCommand,
-        timeout: Duration,
-    ) -> Result<BusReply, BusError> {
+    async fn request(&self, node_id: &str, command: BusCommand, timeout: Duration) -> Answer {
         self.rpc
             .request(self.client.as_ref(), node_id, command, timeout)
             .await

@@ -19,7 +19,7 @@ use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
 use super::rpc::{Envelope, Rpc, Transport, now_ms};
-use super::{Bus, BusCommand, BusError, BusReply, CommandHandler};
+use super::{Answer, Bus, BusCommand, BusError, CommandHandler};
 use crate::store::Store;
 
 /// Payloads above this many bytes travel through the store.
@@ -186,12 +186,7 @@ impl PgBus {
 
 #[async_trait]
 impl Bus for PgBus {
-    async fn request(
-        &self,
-        node_id: &str,
-        command: BusCommand,
-        timeout: Duration,
-    ) -> Result<BusReply, BusError> {
+    async fn request(&self, node_id: &str, command: BusCommand, timeout: Duration) -> Answer {
         self.rpc
             .request(self.notifier.as_ref(), node_id, command, timeout)
             .await

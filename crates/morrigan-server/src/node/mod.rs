@@ -7,7 +7,7 @@
 //! The accept loop and the caps on sockets are in [`crate::listener`].
 
 mod handler;
-mod lifecycle;
+pub(crate) mod lifecycle;
 mod open;
 mod stop;
 
@@ -35,9 +35,6 @@ use crate::providers::{Provider, Providers};
 use crate::state::{AppState, Inner};
 use crate::store::{Deadline, Store, StoreError};
 use crate::tokens::{KeyError, Tokens};
-
-pub use lifecycle::{MAINTENANCE_PERIOD, lease_once, upkeep_once};
-pub use stop::SHUTDOWN_BOUND;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]

@@ -334,12 +334,7 @@ async fn patch_identity(
     ApiJson(req): ApiJson<IdentityRequest>,
 ) -> ApiResult<Json<IdentityResponse>> {
     user.require(&[functions::IDENTITY_UPDATE_ALL])?;
-    let row = s
-        .store
-        .identity(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("No such identity."))?;
-    user.may_manage(&row)?;
+    let row = managed_identity(&s, &user, &id).await?;
     if let Some(functions) = &req.functions {
         auth::validate_functions(functions)?;
         user.may_grant(functions)?;
@@ -365,12 +360,7 @@ async fn delete_identity(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     user.require(&[functions::IDENTITY_DELETE_ALL])?;
-    let row = s
-        .store
-        .identity(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("No such identity."))?;
-    user.may_manage(&row)?;
+    let row = managed_identity(&s, &user, &id).await?;
     let deleted = s.store.delete_identity(&id, functions::ALL).await?;
     s.credentials.sessions_changed();
     match deleted {
@@ -385,4 +375,15 @@ async fn delete_identity(
     }
     tracing::info!(by = %user.identity.name, identity = %id, "identity deleted");
     Ok(Json(json!({"state": "success"})))
+}
+
+/// The identity `id`, if `user` may manage it (404, 403).
+async fn managed_identity(s: &AppState, user: &User, id: &str) -> ApiResult<IdentityRow> {
+    let row = s
+        .store
+        .identity(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("No such identity."))?;
+    user.may_manage(&row)?;
+    Ok(row)
 }

@@ -144,21 +144,21 @@ impl Node {
         node
     }
 
-    /// The node's shared state (for [`morrigan_server::node::upkeep_once`]).
+    /// The node's shared state (for [`morrigan_server::testing::upkeep_once`]).
     pub fn state(&self) -> &AppState {
         self.state.as_ref().expect("running node")
     }
 
     /// The node id (as `serverId` of the records it holds).
     pub fn node_id(&self) -> String {
-        self.state().node_id.to_string()
+        self.state().node_id().to_string()
     }
 
     /// Runs one round of the node's periodic upkeep on the node's runtime.
     pub async fn upkeep(&self) {
         let state = self.state().clone();
         let rt = self.rt.as_ref().expect("running node");
-        rt.spawn(async move { morrigan_server::node::upkeep_once(&state).await })
+        rt.spawn(async move { morrigan_server::testing::upkeep_once(&state).await })
             .await
             .expect("upkeep task")
             .expect("upkeep");
