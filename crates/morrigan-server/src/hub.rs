@@ -231,7 +231,7 @@ pub enum Closed {
     /// No such connection here.
     NotHere,
     /// The connection closed (handshake or not) and its record was written.
-    Closed,
+    Done,
     /// The connection did not end within [`CLOSE_GRACE`] and was forced; its record is
     /// written, or queued for writing if the store did not answer in time.
     Forced,
@@ -354,10 +354,10 @@ impl Hub {
             return Closed::NotHere;
         };
         let Some(mut done) = done else {
-            return Closed::Closed;
+            return Closed::Done;
         };
         if tokio::time::timeout(CLOSE_GRACE, &mut done).await.is_ok() {
-            return Closed::Closed;
+            return Closed::Done;
         }
         tracing::warn!(connection = %id, "connection did not close in time; forcing it");
         control.kill();

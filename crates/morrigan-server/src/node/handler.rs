@@ -47,7 +47,7 @@ impl CommandHandler for BusHandler {
                 reason,
             } => match self.hub.close(&connection_id, code, &reason).await {
                 Closed::NotHere => BusReply::NotHere,
-                Closed::Closed | Closed::Forced => BusReply::Ok,
+                Closed::Done | Closed::Forced => BusReply::Ok,
             },
         }
     }
