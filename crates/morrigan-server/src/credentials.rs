@@ -16,10 +16,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use morrigan_protocol::api::audience;
+use morrigan_protocol::functions;
 use morrigan_protocol::time_format;
 
 use crate::config::Config;
-use crate::store::{IdentityRow, Store, StoreError, TokenKind};
+use crate::store::{IdentityChange, IdentityRow, Store, StoreError, TokenKind};
 use crate::tokens::{Issued, TokenError, Tokens, token_row};
 
 /// How long a verified user token is trusted without checking it again.
@@ -177,8 +178,23 @@ impl Credentials {
         Ok(())
     }
 
+    /// Changes an identity (guarded: see [`crate::store::IdentityStore::update_identity`]); cached sessions,
+    /// which carry its old name and functions, are forgotten whatever the outcome.
+    pub async fn update_identity(&self, row: &IdentityRow) -> Result<IdentityChange, StoreError> {
+        let updated = self.store.update_identity(row, functions::ALL).await;
+        self.sessions_changed();
+        updated
+    }
+
+    /// Deletes an identity and its sessions (guarded like [`Credentials::update_identity`]).
+    pub async fn delete_identity(&self, id: &str) -> Result<IdentityChange, StoreError> {
+        let deleted = self.store.delete_identity(id, functions::ALL).await;
+        self.sessions_changed();
+        deleted
+    }
+
     /// Identities or their tokens changed: forget every cached session.
-    pub fn sessions_changed(&self) {
+    fn sessions_changed(&self) {
         self.sessions.clear();
     }
 

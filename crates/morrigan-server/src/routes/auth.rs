@@ -273,9 +273,7 @@ async fn apply_patch(
         password_changed = true;
     }
     row.updated = time_format::now();
-    let updated = s.store.update_identity(&row, functions::ALL).await;
-    // Cached sessions carry the identity's old name and functions.
-    s.credentials.sessions_changed();
+    let updated = s.credentials.update_identity(&row).await;
     match updated {
         Ok(IdentityChange::Done) => {}
         Ok(IdentityChange::NotFound) => return Err(ApiError::not_found("No such identity.")),
@@ -361,8 +359,7 @@ async fn delete_identity(
 ) -> ApiResult<Json<Value>> {
     user.require(&[functions::IDENTITY_DELETE_ALL])?;
     let row = managed_identity(&s, &user, &id).await?;
-    let deleted = s.store.delete_identity(&id, functions::ALL).await?;
-    s.credentials.sessions_changed();
+    let deleted = s.credentials.delete_identity(&id).await?;
     match deleted {
         IdentityChange::Done => {}
         IdentityChange::NotFound => return Err(ApiError::not_found("No such identity.")),
