@@ -26,7 +26,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::store::{CloseInfo, Heartbeat, Store};
+use crate::store::{CloseInfo, ConnectionStore, Heartbeat};
 
 /// First delay between retry rounds after a failed one; doubled up to [`RETRY_CAP`].
 const RETRY_BASE: Duration = Duration::from_millis(250);
@@ -83,7 +83,7 @@ impl Pending {
 }
 
 struct Shared {
-    store: Arc<dyn Store>,
+    store: Arc<dyn ConnectionStore>,
     pending: Mutex<Pending>,
     /// Something was queued.
     wake: Notify,
@@ -100,7 +100,7 @@ pub struct Records {
 
 impl Records {
     /// Starts the retry task (it idles until something waits).
-    pub fn start(store: Arc<dyn Store>) -> Records {
+    pub fn start(store: Arc<dyn ConnectionStore>) -> Records {
         let shared = Arc::new(Shared {
             store,
             pending: Mutex::new(Pending::default()),

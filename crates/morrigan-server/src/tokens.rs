@@ -13,7 +13,7 @@
 //!
 //! A signature is necessary but not sufficient: user and identity tokens must also still have
 //! their record (revocation deletes it), and connection tokens are consumed by
-//! [`crate::store::Store::accept_connection`]. Those checks live with the callers.
+//! [`crate::store::ConnectionStore::accept_connection`]. Those checks live with the callers.
 //!
 //! The connect path proves possession without a signature check: identity and connection
 //! tokens are stored with the SHA-256 of their text ([`digest`]) when issued, and the one
@@ -34,7 +34,7 @@ use jsonwebtoken::{Algorithm, Header};
 use morrigan_protocol::api::{Claims, audience};
 use std::collections::HashMap;
 
-use crate::store::{SigningKeyRow, Store, StoreError, TokenKind, TokenRow};
+use crate::store::{KeyStore, SigningKeyRow, StoreError, TokenKind, TokenRow};
 
 /// Clock skew tolerated on `exp`/`iat`, in seconds. jsonwebtoken's default (60 s) would double
 /// a 60-second connection token, so it is set explicitly.
@@ -115,7 +115,7 @@ pub struct Tokens {
     public_key: [u8; 32],
     /// Verification keys by kid, filled from the store on a miss. Read-mostly.
     keys: RwLock<HashMap<String, Arc<VerifyingKey>>>,
-    store: Arc<dyn Store>,
+    store: Arc<dyn KeyStore>,
     /// Counts issues and refusals (`morrigan_tokens_issued_total`, `..._token_refusals_total`).
     metrics: Option<Arc<crate::metrics::Metrics>>,
 }
@@ -181,7 +181,7 @@ impl Tokens {
     pub async fn load_or_create(
         data_dir: &Path,
         node_id: &str,
-        store: Arc<dyn Store>,
+        store: Arc<dyn KeyStore>,
     ) -> Result<Self, KeyError> {
         let path = data_dir.join("signing-key.pem");
         let path_str = path.display().to_string();
@@ -218,7 +218,7 @@ impl Tokens {
     pub async fn from_key(
         signing: SigningKey,
         node_id: &str,
-        store: Arc<dyn Store>,
+        store: Arc<dyn KeyStore>,
     ) -> Result<Self, KeyError> {
         let public_key = signing.verifying_key().to_bytes();
         let kid = kid_for(&public_key);

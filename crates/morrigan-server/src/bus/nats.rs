@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::rpc::{Envelope, Rpc, Transport};
 use super::{Answer, Bus, BusCommand, BusError, CommandHandler};
-use crate::store::Store;
+use crate::store::PayloadStore;
 
 /// The subject every node subscribes to for cluster events.
 pub const EVENTS_SUBJECT: &str = "morrigan.events";
@@ -92,7 +92,7 @@ impl NatsBus {
     /// a frame they took.
     pub async fn start(
         url: &str,
-        store: Arc<dyn Store>,
+        store: Arc<dyn PayloadStore>,
         node_id: &str,
         handler: Arc<dyn CommandHandler>,
         write_bound: Duration,

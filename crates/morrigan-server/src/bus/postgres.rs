@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::rpc::{Envelope, Rpc, Transport, now_ms};
 use super::{Answer, Bus, BusCommand, BusError, CommandHandler};
-use crate::store::Store;
+use crate::store::PayloadStore;
 
 /// Payloads above this many bytes travel through the store.
 pub const NOTIFY_LIMIT: usize = 7000;
@@ -97,7 +97,7 @@ impl PgBus {
     /// they took (their write timeout and slack).
     pub async fn start(
         pool: PgPool,
-        store: Arc<dyn Store>,
+        store: Arc<dyn PayloadStore>,
         node_id: &str,
         handler: Arc<dyn CommandHandler>,
         write_bound: Duration,

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{BusCommand, BusError, BusReply, CommandHandler};
-use crate::store::Store;
+use crate::store::PayloadStore;
 
 /// The owner drops a command it receives more than this after it was sent.
 pub(crate) const RECEIPT_WINDOW: Duration = Duration::from_millis(1000);
@@ -83,7 +83,7 @@ fn transport(e: impl std::fmt::Display) -> BusError {
 /// One node's requests in flight and its way of serving others' requests.
 pub(crate) struct Rpc {
     node_id: String,
-    store: Arc<dyn Store>,
+    store: Arc<dyn PayloadStore>,
     pending: DashMap<String, mpsc::Sender<(BusReply, Option<u64>)>>,
     /// How long after `takeBy` an owner may still report a taken frame's outcome (its write
     /// timeout and some slack).
@@ -103,7 +103,7 @@ impl Drop for Pending<'_> {
 }
 
 impl Rpc {
-    pub(crate) fn new(node_id: &str, store: Arc<dyn Store>, write_bound: Duration) -> Self {
+    pub(crate) fn new(node_id: &str, store: Arc<dyn PayloadStore>, write_bound: Duration) -> Self {
         Self {
             node_id: node_id.to_string(),
             store,
