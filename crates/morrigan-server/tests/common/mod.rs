@@ -485,6 +485,10 @@ impl Device {
         next_json(&mut self.ws).await
     }
 
+    pub async fn next_json_within(&mut self, wait: Duration) -> Value {
+        next_json_within(&mut self.ws, wait).await
+    }
+
     pub async fn next_close(&mut self) -> CloseFrame {
         next_close(&mut self.ws).await
     }
@@ -590,7 +594,12 @@ pub async fn connect_at(
 }
 
 pub async fn next_json(ws: &mut Ws) -> Value {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    next_json_within(ws, WAIT).await
+}
+
+/// The next JSON text frame, waiting at most `wait` (for replies that follow a long burst).
+pub async fn next_json_within(ws: &mut Ws, wait: Duration) -> Value {
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
         let msg = tokio::time::timeout_at(deadline, ws.next())
             .await
