@@ -3,6 +3,8 @@
 //! modest (the suite runs on two cores); `PROPTEST_CASES` overrides them.
 
 mod common;
+#[path = "common/props.rs"]
+mod props;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -13,35 +15,11 @@ use futures_util::SinkExt;
 use morrigan_protocol::api::audience;
 use morrigan_protocol::message::{Capability, ConnectionError, error_kinds, is_valid_type};
 use morrigan_server::testing::{Tokens, digest};
+use props::{client_runtime, runner};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A runner for properties checked against a live node (no regression files: a failure
-/// prints its minimal input).
-fn runner(default_cases: u32) -> TestRunner {
-    TestRunner::new(Config {
-        cases: cases(default_cases),
-        failure_persistence: None,
-        max_shrink_iters: 256,
-        ..Config::default()
-    })
-}
-
-fn client_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 // ----- tokens -----
 

@@ -3,38 +3,15 @@
 //! case count.
 
 mod common;
+#[path = "common/props.rs"]
+mod props;
 
 use std::net::{IpAddr, SocketAddr};
 
 use axum::http::{HeaderMap, HeaderValue};
 use common::Node;
+use props::{client_runtime, runner};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
-
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A runner for properties checked against a live node (no regression files: a failure
-/// prints its minimal input).
-fn runner(default_cases: u32) -> TestRunner {
-    TestRunner::new(Config {
-        cases: cases(default_cases),
-        failure_persistence: None,
-        max_shrink_iters: 256,
-        ..Config::default()
-    })
-}
-
-fn client_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 // ----- the client address behind proxies -----
 

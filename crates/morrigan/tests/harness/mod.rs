@@ -5,10 +5,15 @@
 
 #![allow(dead_code)]
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
+
+// The skipping rule is the server tests' own: one file, included by both test trees.
+#[path = "../../../morrigan-server/tests/common/skip.rs"]
+mod skip;
+#[allow(unused_imports)]
+pub use skip::{service_url, skip};
 
 /// The address in the `serving` line of a `morrigan serve` log (pretty or JSON format): the
 /// address the listener actually bound.
@@ -71,43 +76,5 @@ impl RefusingPort {
     /// `http://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-/// Skips the calling test for `why`: fails instead when `MORRIGAN_TEST_REQUIRE_SERVICES` is
-/// set (as `.ci/run` sets it); otherwise prints a notice naming the test, written to standard
-/// error directly (`eprintln!` is captured by the test harness and shown only for failing
-/// tests) and appended to the file `MORRIGAN_TEST_SKIP_LOG` names, if set (`.ci/run` lists
-/// those beside its summary). The caller returns right after.
-pub fn skip(why: &str) {
-    if std::env::var_os("MORRIGAN_TEST_REQUIRE_SERVICES").is_some() {
-        panic!("{why}, and MORRIGAN_TEST_REQUIRE_SERVICES is set: not skipping");
-    }
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("a test")
-        .to_string();
-    // One write per line, so that the lines of tests running at once do not interleave.
-    let line = format!("notice: skipped {test}: {why}\n");
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
-    if let Some(path) = std::env::var_os("MORRIGAN_TEST_SKIP_LOG")
-        && let Ok(mut file) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-    {
-        let _ = file.write_all(line.as_bytes());
-    }
-}
-
-/// The URL in the environment variable `var` (e.g. `MORRIGAN_TEST_POSTGRES_URL`), or `None`
-/// after [`skip`] when it is unset or empty.
-pub fn service_url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            skip(&format!("{var} is not set"));
-            None
-        }
     }
 }
