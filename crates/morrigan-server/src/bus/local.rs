@@ -67,9 +67,12 @@ impl Bus for LocalBus {
     }
 
     async fn publish_event(&self, event: &str) -> Result<(), BusError> {
-        let handlers: Vec<_> = self.nodes.iter().filter_map(|n| n.upgrade()).collect();
-        for handler in handlers {
-            handler.event(event);
+        // `event` does not wait or touch the registry, so it runs under the shard's read lock:
+        // no allocation per event on the connect and close paths.
+        for node in self.nodes.iter() {
+            if let Some(handler) = node.upgrade() {
+                handler.event(event);
+            }
         }
         Ok(())
     }
