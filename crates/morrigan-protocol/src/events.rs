@@ -12,6 +12,8 @@ pub mod kinds {
     pub const SUPERSEDED: &str = "superseded";
     pub const HEARTBEAT_MISSED: &str = "heartbeat-missed";
     pub const CLIENT_STATE: &str = "client-state";
+    /// A tracked message changed state, or a device sent an uplink message (state `received`).
+    pub const MESSAGE: &str = "message";
     /// Stream control: the subscription is active (first event of every stream).
     pub const READY: &str = "ready";
     /// Stream control: this subscriber fell behind and `missed` events were dropped.
@@ -23,7 +25,8 @@ pub mod kinds {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionEvent {
-    /// `connected`, `disconnected`, `superseded`, `heartbeat-missed` or `client-state`.
+    /// `connected`, `disconnected`, `superseded`, `heartbeat-missed`, `client-state` or
+    /// `message`.
     #[serde(rename = "type")]
     pub kind: String,
     pub connection_id: String,
@@ -44,9 +47,24 @@ pub struct ConnectionEvent {
     /// `disconnected`: the close code's short name (`normal`, `superseded`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason_name: Option<String>,
-    /// `client-state`: the reported state.
+    /// `client-state`: the reported state; `message`: the message's new state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
+    /// `message`: the message's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// `message`: the message's own `type` (`agent.pong`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_type: Option<String>,
+    /// `message`: `in` (device → operators) or `out`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<String>,
+    /// `message` `in`: the device's message as it sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<serde_json::Value>,
+    /// `message` `replied`: the device's reply payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<serde_json::Value>,
 }
 
 impl ConnectionEvent {
@@ -63,6 +81,11 @@ impl ConnectionEvent {
             reason: None,
             reason_name: None,
             state: None,
+            message_id: None,
+            message_type: None,
+            direction: None,
+            body: None,
+            reply: None,
         }
     }
 }

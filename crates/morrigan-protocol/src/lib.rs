@@ -8,6 +8,7 @@
 //! * [`close`]: WebSocket close codes the server uses, and what a client should do on each.
 //! * [`records`]: connection, client and node records as the REST API serves them.
 //! * [`events`]: the connection event stream's events.
+//! * [`messages`]: tracked messages (acks, replies, the outbox) and uplink messages.
 //! * [`functions`]: operator function (permission) names.
 //! * [`api`]: request and response bodies of the REST API, and token claims.
 //! * [`paths`]: the HTTP paths, as the original Node.js server mounted them.
@@ -17,6 +18,7 @@ pub mod close;
 pub mod events;
 pub mod functions;
 pub mod message;
+pub mod messages;
 pub mod paths;
 pub mod records;
 pub mod time_format;

@@ -113,6 +113,9 @@ pub mod error_kinds {
     pub const INVALID_MESSAGE: &str = "invalidMessage";
     pub const HANDLER_FAILED: &str = "handlerFailed";
     pub const RATE_LIMITED: &str = "rateLimited";
+    /// An ack, reply or nack quoting a message id this client was never sent (or that is
+    /// already settled otherwise).
+    pub const UNKNOWN_MESSAGE_ID: &str = "unknownMessageId";
 }
 
 /// `{"type":"connection.state","state":"accepted"}` (and `rejected` with a reason, which the

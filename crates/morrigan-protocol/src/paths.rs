@@ -16,6 +16,10 @@ pub const CONNECT: &str = "/api/core/connection/connect";
 pub const CLIENT: &str = "/api/core/client";
 /// `POST {"id"}` → the identity token as a JSON string.
 pub const CLIENT_PROVISION: &str = "/api/core/client/provision";
+/// Tracked messages: `GET /api/core/message/:id` reads one. Sends are
+/// `POST /api/core/connection/:id/send` and `POST /api/core/client/:clientId/send`; a client's
+/// messages are `GET /api/core/client/:clientId/messages`.
+pub const MESSAGE: &str = "/api/core/message";
 /// The nodes of the cluster: `GET` lists them.
 pub const NODE: &str = "/api/core/node";
 /// Capability provider root.
