@@ -256,7 +256,10 @@ mod tests {
         );
         let v: Value = serde_json::from_str(&framed).unwrap();
         assert_eq!(v["messageId"], "m1");
-        assert_eq!(with_message_id("{ }", "x").unwrap(), r#"{ "messageId":"x"}"#);
+        assert_eq!(
+            with_message_id("{ }", "x").unwrap(),
+            r#"{ "messageId":"x"}"#
+        );
         assert!(with_message_id("[1]", "x").is_none());
     }
 

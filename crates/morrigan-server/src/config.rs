@@ -73,6 +73,18 @@ pub struct Config {
     /// The longest one store call may take before it fails (a REST request then answers 503);
     /// the backends give up on its statement first (see [`crate::store::Deadline`]).
     pub store_timeout: Duration,
+    /// Message records (tracked, queued, uplink) are deleted this long after they were
+    /// created; a send's `ttl` may not be longer.
+    pub message_retention: Duration,
+    /// Device message types accepted as uplink (published for operators): `type`,
+    /// `provider.*` or `*` (see [`crate::messaging::UplinkTypes`]).
+    pub uplink_types: Vec<String>,
+    /// Most messages queued in one client's outbox.
+    pub outbox_max_messages: usize,
+    /// Most body bytes queued in one client's outbox.
+    pub outbox_max_bytes: usize,
+    /// Uplink messages kept per client (`GET /api/core/client/:id/messages?direction=in`).
+    pub uplink_keep: u32,
 }
 
 impl Config {
@@ -103,6 +115,14 @@ impl Config {
             max_http_connections: 1024,
             fd_reserve: 256,
             store_timeout: crate::store::Deadline::DEFAULT.call(),
+            message_retention: Duration::from_secs(7 * 24 * 3600),
+            uplink_types: crate::messaging::DEFAULT_PATTERNS
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+            outbox_max_messages: 1000,
+            outbox_max_bytes: 1024 * 1024,
+            uplink_keep: 100,
         }
     }
 

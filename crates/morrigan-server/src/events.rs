@@ -76,7 +76,8 @@ impl Observer {
         })
     }
 
-    fn publish(&self, event: &ConnectionEvent) {
+    /// Queues `event` for the bus (dropped, with a debug line, when the queue is full).
+    pub(crate) fn publish(&self, event: &ConnectionEvent) {
         let Ok(text) = serde_json::to_string(event) else {
             return;
         };

@@ -32,6 +32,7 @@ pub mod hooks;
 pub(crate) mod hub;
 pub(crate) mod lease;
 pub(crate) mod listener;
+pub mod messaging;
 pub(crate) mod metrics;
 pub(crate) mod node;
 pub(crate) mod passwords;

@@ -39,6 +39,7 @@ pub struct Inner {
     pub(crate) hooks: Arc<[Arc<dyn Hooks>]>,
     /// What message providers may use (see [`crate::providers::Services`]).
     pub(crate) services: Arc<crate::providers::Services>,
+    pub(crate) tracker: Arc<crate::messaging::Tracker>,
     /// Whether the embedder registered hooks (the built-in observer never refuses a
     /// connection): only then does an upgrade read the pending record for `authenticate`.
     pub(crate) embedder_hooks: bool,

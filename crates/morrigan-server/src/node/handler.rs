@@ -18,6 +18,8 @@ pub(crate) struct BusHandler {
     pub write_bound: Duration,
     /// This node's event stream subscribers.
     pub events: Arc<EventFanout>,
+    /// This node's message waiters and outbox gate.
+    pub signals: Arc<crate::messaging::Signals>,
 }
 
 #[async_trait::async_trait]
@@ -54,5 +56,6 @@ impl CommandHandler for BusHandler {
 
     fn event(&self, event: &str) {
         self.events.deliver(event);
+        self.signals.event(event);
     }
 }

@@ -140,6 +140,7 @@ pub async fn upkeep_once(state: &AppState) -> Result<(), StoreError> {
         .store
         .purge_payloads(&time_format::format(now - Duration::from_secs(300)))
         .await?;
+    state.tracker.sweep(now).await?;
     if expired + purged + tokens > 0 {
         tracing::debug!(expired, purged, tokens, "maintenance");
     }

@@ -65,6 +65,8 @@ pub enum StartError {
     Bus(#[from] crate::bus::BusError),
     #[error(transparent)]
     FdLimit(#[from] crate::listener::FdLimitError),
+    #[error("uplink types: {0}")]
+    Uplink(#[from] crate::messaging::PatternError),
 }
 
 /// Adds providers and hooks before a node starts.
@@ -158,11 +160,13 @@ impl ServerBuilder {
         let lease = Arc::new(Lease::new(networked));
         lease.renewed(registered_at, config.node_lease);
         let events = Arc::new(crate::events::EventFanout::default());
+        let signals = Arc::new(crate::messaging::Signals::default());
         let commands: Arc<dyn CommandHandler> = Arc::new(handler::BusHandler {
             hub: hub.clone(),
             lease: lease.clone(),
             write_bound,
             events: events.clone(),
+            signals: signals.clone(),
         });
         let bus = open::open_bus(
             &config,
@@ -181,11 +185,25 @@ impl ServerBuilder {
             metrics: metrics.clone(),
         });
         // The built-in observer (metrics, event stream) runs before the embedder's hooks.
-        let mut hooks: Vec<Arc<dyn Hooks>> = vec![crate::events::Observer::start(
-            &node_id,
+        let observer = crate::events::Observer::start(&node_id, metrics.clone(), bus.clone());
+        let tracker = Arc::new(crate::messaging::Tracker::new(
+            store.clone(),
+            signals,
+            observer.clone(),
             metrics.clone(),
-            bus.clone(),
-        )];
+            &node_id,
+            crate::messaging::Limits {
+                retention: config.message_retention,
+                outbox_messages: i64::try_from(config.outbox_max_messages).unwrap_or(i64::MAX),
+                outbox_bytes: i64::try_from(config.outbox_max_bytes).unwrap_or(i64::MAX),
+                uplink_keep: config.uplink_keep,
+                uplink: crate::messaging::UplinkTypes::parse(
+                    config.uplink_types.iter().map(String::as_str),
+                )?,
+            },
+        ));
+        tracker.start().await;
+        let mut hooks: Vec<Arc<dyn Hooks>> = vec![observer];
         let embedder_hooks = !self.hooks.is_empty();
         hooks.extend(self.hooks);
         let (heartbeats, heartbeat_rx) = crate::heartbeat::queue();
@@ -196,6 +214,7 @@ impl ServerBuilder {
             store: store.clone(),
             credentials: credentials.clone(),
             hooks: hooks.clone(),
+            tracker: tracker.clone(),
         });
         let state = AppState(Arc::new(Inner {
             config,
@@ -210,6 +229,7 @@ impl ServerBuilder {
             providers: self.providers,
             hooks,
             services,
+            tracker,
             embedder_hooks,
             heartbeats,
             records,

@@ -1,6 +1,7 @@
-//! The connection provider describes the connection endpoints. It handles no messages: a
-//! `connection.<anything>` message gets `connection.error` `unknownMessage` and the connection
-//! stays open (the original server crashed on one).
+//! The connection provider describes the connection endpoints and takes a device's answers to
+//! tracked messages (`connection.ack`, `connection.reply`, `connection.nack`, see
+//! [`crate::messaging`]). Any other `connection.<anything>` message gets `connection.error`
+//! `unknownMessage` and the connection stays open (the original server crashed on one).
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -16,7 +17,10 @@ impl Provider for ConnectionProvider {
         "connection"
     }
     fn messages(&self) -> Vec<String> {
-        Vec::new()
+        ["ack", "reply", "nack"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     }
     fn endpoints(&self) -> Vec<String> {
         [
@@ -44,10 +48,11 @@ impl Provider for ConnectionProvider {
     }
     async fn handle(
         &self,
-        _ctx: &MessageContext,
-        _message: &str,
-        _body: Value,
+        ctx: &MessageContext,
+        message: &str,
+        body: Value,
     ) -> Result<Option<Value>, HandlerError> {
-        Err(HandlerError::UnknownMessage)
+        ctx.services.tracker.answer(ctx, message, &body).await?;
+        Ok(None)
     }
 }

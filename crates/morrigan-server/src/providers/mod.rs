@@ -24,6 +24,7 @@ pub struct Services {
     pub store: Arc<dyn Store>,
     pub(crate) credentials: Arc<Credentials>,
     pub(crate) hooks: Arc<[Arc<dyn Hooks>]>,
+    pub(crate) tracker: Arc<crate::messaging::Tracker>,
 }
 
 /// Where a message came from, and what its handler may use.
@@ -43,6 +44,9 @@ pub enum HandlerError {
     /// The message's fields are wrong.
     #[error("{0}")]
     Invalid(String),
+    /// An answer (`connection.ack`, ...) quotes a message id this client was never sent.
+    #[error("{0}")]
+    UnknownId(String),
     /// The handler failed (store down, ...).
     #[error("{0}")]
     Failed(String),

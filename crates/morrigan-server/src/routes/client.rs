@@ -118,6 +118,7 @@ async fn delete_client(
     if !existed && closed.is_empty() {
         return Err(ApiError::not_found("No such client."));
     }
+    s.tracker.client_gone(&client_id).await;
     futures_util::future::join_all(
         closed
             .iter()

@@ -29,6 +29,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use crate::store::{CloseInfo, ConnectionFilter};
 use morrigan_protocol::api::ErrorBody;
+use morrigan_protocol::messages::SendResult;
 
 /// Largest page of records one list call returns.
 pub const MAX_LIST: u32 = 10_000;
@@ -156,11 +157,16 @@ async fn get_connection(
         .ok_or_else(|| ApiError::not_found("No such connection."))
 }
 
-/// Pushes a JSON message to a connection. Answers once the frame was written to the socket.
+/// Pushes a JSON message to a connection. Without `track` it is written byte for byte and the
+/// answer comes once the frame is on the socket. With `track=ack|reply` the frame carries a
+/// `messageId` and the answer waits (up to `timeout`, default 10 s) for the device's
+/// `connection.ack` or `connection.reply`: see `POST /api/core/client/{clientId}/send` for the
+/// answers' shapes.
 #[utoipa::path(post, path = "/api/core/connection/{id}/send", tag = "connection", security(("userToken" = [])),
-    params(("id" = String, Path, description = "Connection id")),
+    params(("id" = String, Path, description = "Connection id"), super::message::SendQuery),
     request_body(content = Value, description = "A JSON object with a string `type` (`<provider>.<message>`); delivered as sent"),
-    responses((status = 200, body = StatusResponse),
+    responses((status = 200, description = "Written (untracked: `{\"status\":\"success\"}`), or acknowledged/answered (tracked)", body = SendResult),
+              (status = 422, description = "Tracked: the device refused it (`connection.nack`)", body = SendResult),
               (status = 400, description = "Not a JSON object with a valid type", body = ErrorBody),
               (status = 401, body = ErrorBody),
               (status = 403, description = "Missing function connection.send", body = ErrorBody),
@@ -172,11 +178,16 @@ async fn send(
     State(s): State<AppState>,
     user: User,
     Path(id): Path<String>,
+    query: Result<Query<super::message::SendQuery>, QueryRejection>,
     body: Bytes,
-) -> ApiResult<Json<StatusResponse>> {
+) -> ApiResult<Response> {
     user.require(&[functions::API, functions::CONNECTION_SEND])?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request(format!("Invalid query: {e}")))?;
     let text =
         std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("The body is not UTF-8."))?;
+    if query.track.as_deref().is_some_and(|t| t != "none") {
+        return super::message::connection_send(&s, &id, &query, text).await;
+    }
     let value: Value = serde_json::from_str(text)
         .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?;
     let ty = value
@@ -204,7 +215,8 @@ async fn send(
     s.metrics.message_out(ty);
     Ok(Json(StatusResponse {
         status: "success".into(),
-    }))
+    })
+    .into_response())
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -8,6 +8,7 @@ pub mod connection;
 pub mod events;
 pub mod extract;
 pub mod limits;
+pub mod message;
 pub mod node;
 mod responses;
 pub mod system;
@@ -43,6 +44,7 @@ the token in `Origin`, `Authorization: Bearer`, or `Sec-WebSocket-Protocol: morr
     tags(
         (name = "auth", description = "Operators: login and identities"),
         (name = "connection", description = "Connections: token exchange, WebSocket, records, send, close"),
+        (name = "message", description = "Tracked messages: client sends with acks, replies and an offline outbox; message records; uplink messages"),
         (name = "client", description = "Clients (devices): provisioning"),
         (name = "capability", description = "Providers' and clients' capabilities"),
         (name = "node", description = "The nodes of the cluster"),
@@ -103,6 +105,7 @@ pub fn build(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .merge(connection::routes())
         .merge(events::routes())
         .merge(client::routes())
+        .merge(message::routes())
         .merge(capability::routes())
         .merge(node::routes())
         .merge(system::routes())

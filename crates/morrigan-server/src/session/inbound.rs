@@ -189,6 +189,9 @@ pub(super) async fn handle_text(
         }
     };
     let Some(provider) = providers.get(parsed.provider()) else {
+        if ctx.services.tracker.uplink(ctx, &ty, &value).await {
+            return None;
+        }
         return Some(error_frame(
             error_kinds::UNKNOWN_PROVIDER,
             format!("no provider named '{}'", parsed.provider()),
@@ -211,6 +214,11 @@ pub(super) async fn handle_text(
         Err(HandlerError::Invalid(reason)) => {
             Some(error_frame(error_kinds::INVALID_MESSAGE, reason, Some(&ty)))
         }
+        Err(HandlerError::UnknownId(reason)) => Some(error_frame(
+            error_kinds::UNKNOWN_MESSAGE_ID,
+            reason,
+            Some(&ty),
+        )),
         Err(HandlerError::Failed(reason)) => {
             Some(error_frame(error_kinds::HANDLER_FAILED, reason, Some(&ty)))
         }

@@ -32,6 +32,7 @@ use tungstenite::Message;
 
 use crate::hooks::Disconnect;
 use crate::hub::{ConnHandle, Control, Liveness, Outgoing, Registered};
+use crate::messaging;
 use crate::providers::MessageContext;
 use crate::state::AppState;
 use crate::store::CloseInfo;
@@ -130,6 +131,8 @@ async fn run_inner<S>(
         connection_id: Some(record.id.clone()),
     };
     let fenced = !state.lease.held();
+    // Whether a tracked message was written here: only then does the end requeue.
+    let mut tracked = false;
     let sent = match serde_json::to_string(&accepted) {
         Ok(text) if closing.is_none() && !fenced => {
             Box::pin(wire.send_now(Message::Text(text.into()))).await
@@ -157,7 +160,12 @@ async fn run_inner<S>(
             tokio::select! {
                 biased;
                 _ = control.kill_signal() => forced(&control),
-                end = serve(&state, &ctx, &mut wire, &mut rx, &liveness, &control) => end,
+                end = async {
+                    if let Some(end) = Box::pin(outbox(&state, &ctx, &mut wire, &mut tracked)).await {
+                        return end;
+                    }
+                    serve(&state, &ctx, &mut wire, &mut rx, &liveness, &control, &mut tracked).await
+                } => end,
             }
         }
         // A newer connection of this client was accepted while this one started.
@@ -189,6 +197,9 @@ async fn run_inner<S>(
     };
     // Written now, or queued and retried until the store takes it (see records.rs).
     Box::pin(state.records.close(&id, &info)).await;
+    if tracked {
+        Box::pin(state.tracker.requeue(&id)).await;
+    }
     tracing::info!(code = end.code, reason = %end.reason, "disconnected");
     control.finish();
     let event = Disconnect {
@@ -262,6 +273,38 @@ async fn supersede(state: &AppState, record: &ConnectionRecord) -> Option<String
     newer
 }
 
+/// Writes the client's outbox right after `accepted`, oldest first, each message recorded as
+/// written once it is on the socket (see [`crate::messaging`]); `Some` if the socket failed.
+/// Costs nothing while no message waits anywhere (the tracker's gate).
+async fn outbox<S: AsyncRead + AsyncWrite + Unpin>(
+    state: &AppState,
+    ctx: &MessageContext,
+    wire: &mut Wire<S>,
+    tracked: &mut bool,
+) -> Option<End> {
+    for _ in 0..messaging::OUTBOX_ROUNDS {
+        let frames = state
+            .tracker
+            .outbox(&ctx.client_id, &ctx.connection_id)
+            .await;
+        let round = frames.len();
+        for (message_id, frame) in frames {
+            if !state.lease.held() {
+                return Some(End::lost("this node cannot confirm its lease"));
+            }
+            *tracked |= messaging::is_tracked(&frame);
+            if !wire.send_now(Message::Text(frame.into())).await {
+                return Some(End::lost("could not write a queued message"));
+            }
+            state.tracker.written(&message_id, &ctx.connection_id).await;
+        }
+        if round < messaging::OUTBOX_BATCH as usize {
+            break;
+        }
+    }
+    None
+}
+
 /// The connection's loop, until something ends it.
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     state: &AppState,
@@ -270,6 +313,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     rx: &mut mpsc::Receiver<Box<Outgoing>>,
     liveness: &Arc<Liveness>,
     control: &Control,
+    tracked: &mut bool,
 ) -> End {
     let period = state.config.heartbeat_interval;
     // Pings sent since the last pong: one unanswered marks the connection not alive, two close
@@ -378,6 +422,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     break End::new(close::INTERNAL_ERROR, "command channel closed");
                 };
                 let Outgoing { text, ticket } = *frame;
+                *tracked |= messaging::is_tracked(&text);
                 // A frame whose sender gave up is never written, nor one reaching a node that
                 // just found it cannot confirm its lease (the sender hears "closed").
                 if !state.lease.held() {

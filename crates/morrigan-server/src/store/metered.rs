@@ -12,6 +12,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use morrigan_protocol::records::{ClientCapabilities, ClientRecord, ConnectionRecord};
 
+use super::messages::{Answer, MessageFilter, MessageRow, NewMessage, Settled};
 use super::*;
 use crate::metrics::Metrics;
 
@@ -116,6 +117,23 @@ metered!(ConnectionStore {
     fn record_heartbeats(beats: &[Heartbeat]) -> ();
     fn expire_pending_connections(now: &str) -> u64;
     fn purge_closed_connections(before: &str) -> u64;
+});
+
+metered!(MessageStore {
+    fn insert_message(m: &NewMessage<'_>) -> (MessageRow, bool);
+    fn insert_uplink(m: &NewMessage<'_>, keep: u32) -> ();
+    fn message(id: &str) -> Option<MessageRow>;
+    fn messages(filter: &MessageFilter<'_>) -> Vec<MessageRow>;
+    fn outbox_usage(client_id: &str) -> (i64, i64);
+    fn pending_messages(client_id: &str, connection_id: &str, now: &str, limit: u32) -> Vec<MessageRow>;
+    fn any_pending_messages() -> bool;
+    fn mark_written(id: &str, connection_id: &str, at: &str) -> Option<MessageRow>;
+    fn settle_message(id: &str, client_id: &str, answer: Answer<'_>, at: &str) -> Settled;
+    fn fail_message(id: &str, reason: &str, at: &str) -> Option<MessageRow>;
+    fn requeue_messages(connection_id: &str) -> u64;
+    fn fail_client_messages(client_id: &str, reason: &str, at: &str) -> u64;
+    fn expire_messages(now: &str, limit: u32) -> Vec<MessageRow>;
+    fn purge_messages(before: &str) -> u64;
 });
 
 metered!(PayloadStore {

@@ -1,5 +1,6 @@
 //! Persistence, split by aggregate: one trait per kind of record ([`KeyStore`], [`NodeStore`],
-//! [`IdentityStore`], [`TokenStore`], [`ClientStore`], [`ConnectionStore`], [`PayloadStore`]),
+//! [`IdentityStore`], [`TokenStore`], [`ClientStore`], [`ConnectionStore`], [`PayloadStore`],
+//! [`MessageStore`]),
 //! so each part of the server names only what it uses; [`Store`] is all of them, what a backend
 //! implements and what the node holds.
 //!
@@ -19,6 +20,7 @@ mod connections;
 mod hot_path;
 mod identities;
 mod keys;
+pub mod messages;
 pub(crate) mod metered;
 mod nodes;
 mod payloads;
@@ -31,6 +33,7 @@ pub use clients::ClientStore;
 pub use connections::{CloseInfo, ConnectionFilter, ConnectionStore, Heartbeat};
 pub use identities::{IdentityChange, IdentityRow, IdentityStore};
 pub use keys::{KeyStore, SigningKeyRow};
+pub use messages::MessageStore;
 pub use nodes::{NodeRow, NodeStore};
 pub use payloads::PayloadStore;
 pub use tokens::{TokenKind, TokenRow, TokenStore};
@@ -58,7 +61,14 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 /// Everything the server persists: what a backend implements and the node holds. Parts of the
 /// server that need one aggregate take that trait instead.
 pub trait Store:
-    KeyStore + NodeStore + IdentityStore + TokenStore + ClientStore + ConnectionStore + PayloadStore
+    KeyStore
+    + NodeStore
+    + IdentityStore
+    + TokenStore
+    + ClientStore
+    + ConnectionStore
+    + PayloadStore
+    + MessageStore
 {
 }
 
@@ -70,6 +80,7 @@ impl<T> Store for T where
         + ClientStore
         + ConnectionStore
         + PayloadStore
+        + MessageStore
         + ?Sized
 {
 }

@@ -73,6 +73,7 @@ macro_rules! sql_store {
         $crate::store::connections::sql_connections!($store, $db, numbered: $numbered);
         $crate::store::hot_path::sql_hot_path!($store, $db, numbered: $numbered);
         $crate::store::payloads::sql_payloads!($store, $db);
+        $crate::store::messages::sql_messages!($store, $db);
     };
 }
 pub(crate) use sql_store;

@@ -33,6 +33,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         4,
         include_str!("../../migrations/sqlite/0004_token_digests.sql"),
     ),
+    (5, include_str!("../../migrations/sqlite/0005_messages.sql")),
 ];
 
 /// SQLite-backed [`Store`].

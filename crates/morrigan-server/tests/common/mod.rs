@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod events;
+pub mod pg;
 mod skip;
 #[allow(unused_imports)]
 pub use skip::{service_url, skip};
