@@ -44,7 +44,18 @@ fn any_value_as_null(v: Value) -> Value {
                     let schema_position =
                         k == "schema" || k == "items" || k == "additionalProperties";
                     let nested = v.as_object().is_some_and(|m| !m.is_empty());
-                    if schema_position || nested {
+                    if k == "properties"
+                        && let Value::Object(props) = v
+                    {
+                        // Each property's value is a schema (`{}` for any JSON value).
+                        let props = props
+                            .into_iter()
+                            .map(|(name, schema)| {
+                                (name, any_value_as_null(untyped_as_null(schema)))
+                            })
+                            .collect();
+                        (k, Value::Object(props))
+                    } else if schema_position || nested {
                         (k, any_value_as_null(v))
                     } else {
                         (k, v)
@@ -53,6 +64,22 @@ fn any_value_as_null(v: Value) -> Value {
                 .collect(),
         ),
         Value::Array(a) => Value::Array(a.into_iter().map(any_value_as_null).collect()),
+        other => other,
+    }
+}
+
+/// A property schema that only describes (any JSON value, with a doc comment) gets the
+/// `"type": null` utoipa reads back.
+fn untyped_as_null(v: Value) -> Value {
+    match v {
+        Value::Object(mut map)
+            if !["type", "$ref", "allOf", "oneOf", "anyOf"]
+                .iter()
+                .any(|k| map.contains_key(*k)) =>
+        {
+            map.insert("type".into(), Value::Null);
+            Value::Object(map)
+        }
         other => other,
     }
 }
@@ -264,4 +291,64 @@ async fn swagger_ui_is_served_offline() {
         .await
         .unwrap();
     assert!(init.contains("\"/api-docs\""), "{init}");
+}
+
+#[tokio::test]
+async fn tracked_messaging_routes_and_parameters_are_documented() {
+    let node = Node::start().await;
+    let (status, doc) = node.call(Method::GET, "/api-docs", None, None).await;
+    assert_eq!(status, 200);
+    let params = |path: &str, method: &str| -> Vec<String> {
+        doc["paths"][path][method]["parameters"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{method} {path} is documented with parameters"))
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}:{}",
+                    p["in"].as_str().unwrap(),
+                    p["name"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    let client_send = params("/api/core/client/{clientId}/send", "post");
+    for p in [
+        "query:track",
+        "query:ttl",
+        "query:timeout",
+        "header:Idempotency-Key",
+    ] {
+        assert!(
+            client_send.contains(&p.to_string()),
+            "{p} in {client_send:?}"
+        );
+    }
+    let connection_send = params("/api/core/connection/{id}/send", "post");
+    for p in ["query:track", "query:timeout"] {
+        assert!(
+            connection_send.contains(&p.to_string()),
+            "{p} in {connection_send:?}"
+        );
+    }
+    let responses = &doc["paths"]["/api/core/client/{clientId}/send"]["post"]["responses"];
+    for code in ["200", "202", "409", "422", "429", "504"] {
+        assert!(
+            responses.get(code).is_some(),
+            "client send documents {code}"
+        );
+    }
+    assert!(doc["paths"]["/api/core/message/{id}"]["get"].is_object());
+    let list = params("/api/core/client/{clientId}/messages", "get");
+    for p in ["query:direction", "query:state", "query:limit"] {
+        assert!(list.contains(&p.to_string()), "{p} in {list:?}");
+    }
+    for schema in [
+        "MessageRecord",
+        "SendResult",
+        "MessageList",
+        "MessageResponse",
+    ] {
+        assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
+    }
 }

@@ -418,6 +418,20 @@ fn table() -> Vec<Route> {
             "/api/core/connection/{id}",
             &[API, CONNECTION_CLOSE],
         ),
+        with(
+            route(
+                Method::POST,
+                "/api/core/client/{clientId}/send",
+                &[API, CONNECTION_SEND],
+            ),
+            json!({"type": "a.b"}),
+        ),
+        route(
+            Method::GET,
+            "/api/core/client/{clientId}/messages",
+            &[API, CONNECTION],
+        ),
+        route(Method::GET, "/api/core/message/{id}", &[API, CONNECTION]),
         route(Method::GET, "/api/core/capability", &[API]),
         route(Method::GET, "/api/core/capability/{clientId}", &[API]),
         route(Method::GET, "/api/core/node", &[API]),

@@ -369,7 +369,14 @@ fn expected(frame: &Frame) -> Expected {
             Some(Ok(list)) if list.len() <= 256 => Nothing,
             _ => named(error_kinds::INVALID_MESSAGE),
         },
+        // Answers to tracked messages: none was sent to this device.
+        ("connection", "ack" | "reply" | "nack") => match obj.get("messageId") {
+            Some(Value::String(_)) => named(error_kinds::UNKNOWN_MESSAGE_ID),
+            _ => named(error_kinds::INVALID_MESSAGE),
+        },
         ("client" | "capability" | "connection", _) => named(error_kinds::UNKNOWN_MESSAGE),
+        // The built-in agent's types are uplink by default: accepted, unanswered.
+        ("agent", _) => Nothing,
         _ => named(error_kinds::UNKNOWN_PROVIDER),
     }
 }

@@ -148,6 +148,9 @@ impl Tracker {
         message: &str,
         body: &Value,
     ) -> Result<(), HandlerError> {
+        if !matches!(message, "ack" | "reply" | "nack") {
+            return Err(HandlerError::UnknownMessage);
+        }
         let id = body
             .get(wire::MESSAGE_ID)
             .and_then(Value::as_str)
