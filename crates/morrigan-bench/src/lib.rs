@@ -8,3 +8,4 @@ pub mod load;
 pub mod run;
 pub mod stats;
 pub mod sys;
+pub mod tracked;

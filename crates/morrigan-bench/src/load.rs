@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow};
 use base64::Engine;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use morrigan_protocol::close;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -39,6 +39,10 @@ pub struct Target {
     pub send_url: Option<String>,
     pub admin_name: String,
     pub admin_password: String,
+    /// `ack` or `reply`: sends are tracked (`?track=…`) and wait for the device's answer,
+    /// which every held socket gives.
+    #[serde(default)]
+    pub track: Option<String>,
 }
 
 /// The client's small WebSocket buffers: 19,000 sockets per process must stay cheap.
@@ -58,9 +62,11 @@ pub fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// The frame a send carries: its type and when the REST call started.
-pub fn bench_frame(seq: u64) -> String {
-    format!(r#"{{"type":"bench.ping","t":{},"seq":{seq}}}"#, now_ns())
+/// The frame a send carries: its type and when the REST call started. A `bench.call` asks
+/// a held socket for a reply (tracked sends with `track=reply`).
+pub fn bench_frame(seq: u64, call: bool) -> String {
+    let ty = if call { "bench.call" } else { "bench.ping" };
+    format!(r#"{{"type":"{ty}","t":{},"seq":{seq}}}"#, now_ns())
 }
 
 /// The operator and device side against one target.
@@ -235,9 +241,13 @@ impl Driver {
     /// A REST send of `frame` to connection `id`; the error is the failure kind.
     pub async fn send(&self, id: &str, frame: String) -> Result<(), String> {
         let base = self.target.send_url.as_ref().unwrap_or(&self.target.url);
+        let query = match &self.target.track {
+            Some(track) => format!("?track={track}&timeout=10"),
+            None => String::new(),
+        };
         let resp = self
             .http
-            .post(format!("{base}/api/core/connection/{id}/send"))
+            .post(format!("{base}/api/core/connection/{id}/send{query}"))
             .bearer_auth(&self.user_token)
             .header("Content-Type", "application/json")
             .body(frame)
@@ -307,6 +317,11 @@ pub async fn hold(mut ws: Ws, obs: Arc<Observed>, stop: CancellationToken) {
                         obs.e2e.lock().unwrap().record_us(now.saturating_sub(sent) / 1000);
                         obs.received.fetch_add(1, Ordering::Relaxed);
                     }
+                    if let Some(answer) = crate::tracked::answer(&t)
+                        && ws.send(Message::Text(answer.into())).await.is_err()
+                    {
+                        break Some("drop-answer".into());
+                    }
                 }
                 Some(Ok(Message::Close(f))) => {
                     break Some(format!("drop-close-{}", f.map(|f| u16::from(f.code)).unwrap_or(close::NO_STATUS)));
@@ -327,7 +342,7 @@ pub async fn hold(mut ws: Ws, obs: Arc<Observed>, stop: CancellationToken) {
 }
 
 fn frame_time(text: &str) -> Option<u64> {
-    if !text.contains("bench.ping") {
+    if !text.contains("bench.ping") && !text.contains("bench.call") {
         return None;
     }
     let v: serde_json::Value = serde_json::from_str(text).ok()?;
@@ -435,7 +450,8 @@ pub async fn send_phase(
             let mut lat = Latency::default();
             while Instant::now() < deadline {
                 let id = &ids[rand::thread_rng().gen_range(0..ids.len())];
-                let frame = bench_frame(seq.fetch_add(1, Ordering::Relaxed));
+                let call = driver.target.track.as_deref() == Some("reply");
+                let frame = bench_frame(seq.fetch_add(1, Ordering::Relaxed), call);
                 let t = Instant::now();
                 match driver.send(id, frame).await {
                     Ok(()) => {

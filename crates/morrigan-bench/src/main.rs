@@ -30,6 +30,9 @@ enum Cmd {
     Churn(RunArgs),
     /// Like send, but devices are held by --url and sends go through --send-url.
     ClusterSend(RunArgs),
+    /// N offline devices with --per-client queued tracked messages each reconnect at once
+    /// (-c concurrent connects); times the outbox drain.
+    Outbox(RunArgs),
     /// Run the bare floor server (prints `listening <url>` on stdout).
     BareServer {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -84,6 +87,12 @@ struct RunArgs {
     /// The whole run stops after this many seconds, whatever happens.
     #[arg(long, default_value_t = 900)]
     max_time: u64,
+    /// Sends are tracked: `ack` or `reply` (held sockets answer), waiting up to 10 s each.
+    #[arg(long, value_parser = ["ack", "reply"])]
+    track: Option<String>,
+    /// Outbox: tracked messages queued per device before they reconnect.
+    #[arg(long, default_value_t = 10)]
+    per_client: u32,
     /// A label copied into the JSON line.
     #[arg(long, default_value = "")]
     label: String,
@@ -99,6 +108,7 @@ fn main() -> Result<()> {
             Cmd::Send(a) => scenario(Scenario::Send, a).await,
             Cmd::Churn(a) => scenario(Scenario::Churn, a).await,
             Cmd::ClusterSend(a) => scenario(Scenario::ClusterSend, a).await,
+            Cmd::Outbox(a) => scenario(Scenario::Outbox, a).await,
             Cmd::BareServer { listen } => {
                 let listener = tokio::net::TcpListener::bind(listen).await?;
                 println!("listening http://{}", listener.local_addr()?);
@@ -155,6 +165,7 @@ async fn scenario(scenario: Scenario, a: RunArgs) -> Result<()> {
                 .map(|u| u.trim_end_matches('/').to_string()),
             admin_name: a.admin_name.clone(),
             admin_password: a.admin_password.clone(),
+            track: a.track.clone(),
         },
         connections,
         concurrency: a.concurrency,
@@ -165,6 +176,7 @@ async fn scenario(scenario: Scenario, a: RunArgs) -> Result<()> {
         run_id: format!("{:08x}", rand::random::<u32>()),
         workers,
         worker: 0,
+        per_client: a.per_client,
     };
     let label = if a.label.is_empty() {
         format!(

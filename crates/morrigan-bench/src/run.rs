@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::load::{self, ChurnResult, ConnectResult, Driver, Observed, SendResult, Target};
 use crate::stats::Failures;
 use crate::sys;
+use crate::tracked;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -28,6 +29,8 @@ pub enum Scenario {
     Send,
     Churn,
     ClusterSend,
+    /// Offline devices with queued tracked messages all reconnect: the outbox drain.
+    Outbox,
 }
 
 impl Scenario {
@@ -37,6 +40,7 @@ impl Scenario {
             Scenario::Send => "send",
             Scenario::Churn => "churn",
             Scenario::ClusterSend => "cluster-send",
+            Scenario::Outbox => "outbox",
         }
     }
 }
@@ -59,11 +63,17 @@ pub struct Spec {
     pub run_id: String,
     pub workers: usize,
     pub worker: usize,
+    /// Outbox: messages queued per device before it reconnects.
+    #[serde(default)]
+    pub per_client: u32,
 }
 
 impl Spec {
     pub fn phases(&self) -> Vec<&'static str> {
         let mut p = vec!["provision"];
+        if self.scenario == Scenario::Outbox {
+            return vec!["provision", "queue", "drain"];
+        }
         if self.connections > 0 {
             p.push("connect");
         }
@@ -73,7 +83,7 @@ impl Spec {
         match self.scenario {
             Scenario::Send | Scenario::ClusterSend => p.push("send"),
             Scenario::Churn => p.push("churn"),
-            Scenario::Connect => {}
+            Scenario::Connect | Scenario::Outbox => {}
         }
         p
     }
@@ -100,6 +110,7 @@ pub async fn worker(spec: Spec) -> Result<()> {
     let stop = CancellationToken::new();
     let mut driver: Option<Arc<Driver>> = None;
     let mut identities = Vec::new();
+    let mut client_ids = Vec::new();
     let mut churn_identities = Vec::new();
     let mut held_ids = Arc::new(Vec::new());
     for phase in spec.phases() {
@@ -115,7 +126,8 @@ pub async fn worker(spec: Spec) -> Result<()> {
                 let ids: Vec<String> = (0..n)
                     .map(|i| format!("bench-{}-{}-{i}", spec.run_id, spec.worker))
                     .collect();
-                identities = d.provision(ids, 64).await?;
+                identities = d.provision(ids.clone(), 64).await?;
+                client_ids = ids;
                 if spec.scenario == Scenario::Churn {
                     let ids: Vec<String> = (0..loops)
                         .map(|i| format!("bench-{}-{}-churn-{i}", spec.run_id, spec.worker))
@@ -154,6 +166,17 @@ pub async fn worker(spec: Spec) -> Result<()> {
                     &obs,
                 )
                 .await;
+                serde_json::to_value(r)?
+            }
+            "queue" => {
+                let d = driver.as_ref().expect("provisioned");
+                let r = tracked::queue_phase(d, &client_ids, spec.per_client, loops).await;
+                serde_json::to_value(r)?
+            }
+            "drain" => {
+                let d = driver.as_ref().expect("provisioned");
+                let r =
+                    tracked::drain_phase(d, &identities, spec.per_client, conc, &obs, &stop).await;
                 serde_json::to_value(r)?
             }
             "churn" => {
@@ -369,7 +392,7 @@ fn merge_phase(phase: &str, answers: &[Value], report: &mut Value) -> Result<u64
             report["ok"] = json!(ok);
             Ok(0)
         }
-        "connect" => {
+        "connect" | "queue" | "drain" => {
             let mut m = ConnectResult::default();
             for a in answers {
                 let r: ConnectResult = serde_json::from_value(a.clone())?;
