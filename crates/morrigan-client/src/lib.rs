@@ -72,8 +72,9 @@ mod token;
 
 pub use backoff::{Backoff, BackoffConfig};
 pub use client::{
-    Client, ClientBuilder, DEFAULT_EVENT_CAPACITY, DEFAULT_STOP_TIMEOUT, DEFAULT_TOKEN_REFRESH,
-    Event, Events, Handle, Sender,
+    Answer, Client, ClientBuilder, DEFAULT_EVENT_CAPACITY, DEFAULT_MESSAGE_ID_MEMORY,
+    DEFAULT_STOP_TIMEOUT, DEFAULT_TOKEN_REFRESH, Event, Events, Handle, HandlerResult, Sender,
+    message_id,
 };
 pub use connect::{Connection, DEFAULT_TIMEOUT, Endpoint, Incoming, WsStream, connect_once};
 pub use error::Error;
