@@ -24,6 +24,11 @@ pub enum Error {
         source: MessageTypeError,
     },
 
+    /// [`Sender::publish`](crate::Sender::publish) was given a type of the protocol's own
+    /// (`connection.*`, `client.*`, `capability.*`); nothing was sent.
+    #[error("message type {ty:?} is reserved for the protocol")]
+    ReservedType { ty: String },
+
     /// A message to send is not a JSON object with a string `type`, or its body did not serialize
     /// to an object.
     #[error("invalid message: {0}")]

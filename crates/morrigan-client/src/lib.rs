@@ -17,8 +17,12 @@
 //!   [`ClientBuilder::fallback_url`]);
 //! * asks for a new identity token on every connect and periodically, always uses the newest one,
 //!   and saves it atomically (0600) in a state directory so that a restart uses it too;
-//! * dispatches messages to async handlers registered per type or per provider, reports
-//!   capabilities and `client.state`, and streams [`Event`]s;
+//! * dispatches messages to async handlers registered per type, per provider or as a
+//!   catch-all, reports capabilities and `client.state`, and streams [`Event`]s;
+//! * answers tracked messages (those with a `messageId`) from what their handler returns
+//!   ([`HandlerResult`]: ack, reply or nack), once per id: a message re-delivered after a
+//!   reconnect is not handled twice but gets the first answer again;
+//! * publishes uplink messages for the operators ([`Sender::publish`]);
 //! * stops gracefully (`client.state stopped.<reason>`, close 1000) and ends every task it
 //!   spawned.
 //!
@@ -64,6 +68,15 @@
 //! # }
 //! ```
 
+//!
+//! The crate's README (tracked messages and uplink messages, with examples) is compiled with the
+//! doc tests, so its examples stay true.
+
+/// The README's examples, compiled by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 mod backoff;
 mod client;
 mod connect;
@@ -72,8 +85,9 @@ mod token;
 
 pub use backoff::{Backoff, BackoffConfig};
 pub use client::{
-    Client, ClientBuilder, DEFAULT_EVENT_CAPACITY, DEFAULT_STOP_TIMEOUT, DEFAULT_TOKEN_REFRESH,
-    Event, Events, Handle, Sender,
+    Answer, Client, ClientBuilder, DEFAULT_EVENT_CAPACITY, DEFAULT_MESSAGE_ID_MEMORY,
+    DEFAULT_STOP_TIMEOUT, DEFAULT_TOKEN_REFRESH, Event, Events, Handle, HandlerResult, Sender,
+    message_id,
 };
 pub use connect::{Connection, DEFAULT_TIMEOUT, Endpoint, Incoming, WsStream, connect_once};
 pub use error::Error;

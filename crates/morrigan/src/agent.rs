@@ -3,7 +3,10 @@
 //! It connects with the device's identity token, stays connected (reconnecting with jittered
 //! backoff, failing over between several URLs), keeps the identity token fresh in its state
 //! directory, logs every message it receives and answers the diagnostic `agent.ping` with
-//! `agent.pong`, echoing everything but the type. SIGTERM/SIGINT stop it gracefully (exit 0);
+//! `agent.pong`, echoing everything but the type. Tracked messages (those with a `messageId`)
+//! are answered: a tracked `agent.ping` with the reply `{"payload": <its payload>}` (what
+//! `morrigan client call` prints), every other one with an ack once logged.
+//! SIGTERM/SIGINT stop it gracefully (exit 0);
 //! a revoked or deprovisioned identity ends it with one error line and exit code 3, so that a
 //! supervisor can tell "do not restart" from a crash (systemd: `RestartPreventExitStatus=3`).
 
@@ -12,8 +15,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use morrigan_client::{BackoffConfig, Client, Error, Event, IDENTITY_TOKEN_FILE, Sender};
-use serde_json::Value;
+use morrigan_client::{
+    Answer, BackoffConfig, Client, Error, Event, IDENTITY_TOKEN_FILE, Sender, message_id,
+};
+use serde_json::{Value, json};
 
 use crate::Failure;
 
@@ -95,7 +100,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             going_away_spread: args.going_away_spread,
             ..BackoffConfig::default()
         })
-        .on_type("agent.ping", answer_ping);
+        .on_type("agent.ping", answer_ping)
+        // Logged by `log_events`; a tracked one is acknowledged.
+        .on_other(|_: Value, _: Sender| async {});
     if let Some(path) = &args.root_ca {
         let pem = std::fs::read(path)
             .with_context(|| format!("cannot read root CA {}", path.display()))?;
@@ -141,14 +148,22 @@ fn fatal(e: Error) -> anyhow::Error {
     Failure::new(code, format!("{e}{hint}")).into()
 }
 
-/// `agent.ping` → `agent.pong` with everything but the type echoed.
-async fn answer_ping(message: Value, sender: Sender) {
+/// A tracked `agent.ping` → the reply `{"payload": <its payload, or null>}`; an untracked one
+/// → `agent.pong` with everything but the type echoed (what the agent always did).
+async fn answer_ping(message: Value, sender: Sender) -> Answer {
+    if let Some(id) = message_id(&message) {
+        tracing::info!(message_id = id, "answered agent.ping with a reply");
+        let payload = message.get("payload").cloned().unwrap_or(Value::Null);
+        return Answer::Reply(json!({ "payload": payload }));
+    }
     let mut body = message.as_object().cloned().unwrap_or_default();
     body.remove("type");
     match sender.send("agent.pong", &Value::Object(body)).await {
         Ok(()) => tracing::info!("answered agent.ping with agent.pong"),
         Err(e) => tracing::warn!(error = %e, "could not answer agent.ping"),
     }
+    // Untracked: not sent.
+    Answer::Ack
 }
 
 async fn log_events(mut events: morrigan_client::Events) {

@@ -1,5 +1,5 @@
 //! `morrigan`: the server (`serve`), a device agent (`agent`) and the operator commands
-//! (`login`, `client`, `connection`, `identity`, `node`).
+//! (`login`, `client`, `connection`, `message`, `identity`, `node`).
 
 mod agent;
 mod ops;
@@ -37,14 +37,17 @@ enum LogFormat {
 enum Command {
     /// Run a server node.
     Serve(Box<serve::ServeArgs>),
-    /// Run a device agent: stays connected, logs what it receives, answers agent.ping.
+    /// Run a device agent: stays connected, logs what it receives (acknowledging tracked
+    /// messages), answers agent.ping.
     Agent(agent::AgentArgs),
     /// Log in to a server; the user token is kept (0600) for the other commands.
     Login(ops::login::LoginArgs),
-    /// Provision, list, show and deprovision clients (devices).
+    /// Provision, list, show, deprovision and message clients (devices).
     Client(ops::client::ClientCmd),
     /// List, show, message and close connections.
     Connection(ops::connection::ConnectionCmd),
+    /// Show and list tracked and uplink messages.
+    Message(ops::message::MessageCmd),
     /// List, create, delete operator identities and grant them functions.
     Identity(ops::identity::IdentityCmd),
     /// List the nodes of the cluster.
@@ -119,6 +122,7 @@ fn main() -> std::process::ExitCode {
             Command::Login(args) => ops::login::run(args).await.map_err(Into::into),
             Command::Client(cmd) => ops::client::run(cmd).await.map_err(Into::into),
             Command::Connection(cmd) => ops::connection::run(cmd).await.map_err(Into::into),
+            Command::Message(cmd) => ops::message::run(cmd).await.map_err(Into::into),
             Command::Identity(cmd) => ops::identity::run(cmd).await.map_err(Into::into),
             Command::Node(cmd) => ops::node::run(cmd).await.map_err(Into::into),
         }

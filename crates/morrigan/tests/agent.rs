@@ -1,7 +1,9 @@
 //! `morrigan agent` against a real `morrigan serve` process: messages both ways, fail-over from
 //! a dead URL, a server restart, a graceful stop, the refreshed token used after an agent
-//! restart, and a deprovisioned device that stops for good; and against an embedded server
-//! whose `agent` provider records the `agent.pong` echo.
+//! restart, and a deprovisioned device that stops for good; tracked messages (a tracked
+//! `agent.ping` replied to, anything else acknowledged, an untracked `agent.pong` recorded as an
+//! uplink message); and against an embedded server whose `agent` provider records the
+//! `agent.pong` echo.
 //!
 //! Backoff bounds and jitter are covered with paused time by the SDK's unit tests
 //! (`morrigan-client/src/backoff.rs`); these tests only shorten the delays (`--backoff-base`).
@@ -262,6 +264,124 @@ async fn a_deprovisioned_or_revoked_agent_stops_for_good() {
         lines[0].starts_with("error: identity token refused"),
         "{lines:?}"
     );
+    server.stop().await;
+}
+
+/// `method path` on the server of `cli`, as its logged-in user; the status and the body as JSON.
+async fn rest(cli: &Cli, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    let token = std::fs::read_to_string(cli.config_dir().join("token")).unwrap();
+    let mut request = reqwest::Client::new()
+        .request(method, format!("{}{path}", cli.url))
+        .bearer_auth(token.trim())
+        .timeout(cli_support::WAIT);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[tokio::test]
+async fn the_agent_answers_tracked_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data")).await;
+    let cli = Cli::new(&server.url);
+    let token_file = provisioned(&cli, dir.path(), "device-5").await;
+    let mut agent = Agent::spawn(
+        &[&server.url],
+        &token_file,
+        &dir.path().join("state"),
+        &dir.path().join("agent.log"),
+    );
+    let connection = eventually("the agent's connection", || {
+        open_connection(&cli, "device-5", None)
+    })
+    .await;
+    let id = connection["id"].as_str().unwrap();
+
+    // A tracked agent.ping: the reply carries its payload.
+    let (status, answer) = rest(
+        &cli,
+        reqwest::Method::POST,
+        "/api/core/client/device-5/send?track=reply&timeout=10",
+        Some(json!({"type": "agent.ping", "payload": {"n": 1}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["state"], "replied", "{answer}");
+    assert_eq!(answer["reply"], json!({"payload": {"n": 1}}), "{answer}");
+    // Without a payload, the reply says so.
+    let (status, answer) = rest(
+        &cli,
+        reqwest::Method::POST,
+        &format!("/api/core/connection/{id}/send?track=reply&timeout=10"),
+        Some(json!({"type": "agent.ping"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["reply"], json!({"payload": null}), "{answer}");
+    // Anything else tracked is acknowledged, and logged.
+    let (status, answer) = rest(
+        &cli,
+        reqwest::Method::POST,
+        "/api/core/client/device-5/send?track=ack&timeout=10",
+        Some(json!({"type": "firmware.check", "version": "1.2"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["state"], "acked", "{answer}");
+    eventually("the agent to log firmware.check", || {
+        let logged = agent.events().into_iter().any(|e| {
+            e["fields"]["message"] == "received" && e["fields"]["message_type"] == "firmware.check"
+        });
+        async move { logged.then_some(()) }
+    })
+    .await;
+
+    // An untracked agent.ping still gets agent.pong, which the server records as an uplink
+    // message (no connection.error for an unknown provider).
+    cli.ok(&[
+        "connection",
+        "send",
+        id,
+        r#"{"type":"agent.ping","payload":"plain"}"#,
+    ])
+    .await;
+    let pong = eventually("the agent.pong uplink record", || async {
+        let (status, list) = rest(
+            &cli,
+            reqwest::Method::GET,
+            "/api/core/client/device-5/messages?direction=in",
+            None,
+        )
+        .await;
+        (status == 200)
+            .then(|| {
+                list["messages"]
+                    .as_array()?
+                    .iter()
+                    .find(|m| m["type"] == "agent.pong")
+                    .cloned()
+            })
+            .flatten()
+    })
+    .await;
+    assert_eq!(pong["state"], "received", "{pong}");
+    assert_eq!(pong["body"]["payload"], "plain", "{pong}");
+    let errors: Vec<Value> = agent
+        .events()
+        .into_iter()
+        .filter(|e| e["fields"]["message_type"] == "connection.error")
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+
+    signal(&agent.child, libc::SIGTERM);
+    assert!(wait_exit(&mut agent.child, "the agent").await.success());
     server.stop().await;
 }
 

@@ -11,6 +11,7 @@ use morrigan_protocol::message::Capability;
 use serde_json::Value;
 
 use super::handlers::{Handlers, boxed, capability_report};
+use super::tracked::{DEFAULT_MESSAGE_ID_MEMORY, HandlerResult};
 use super::{Client, DEFAULT_EVENT_CAPACITY, DEFAULT_STOP_TIMEOUT, DEFAULT_TOKEN_REFRESH, Sender};
 use crate::Error;
 use crate::backoff::BackoffConfig;
@@ -37,6 +38,7 @@ impl Client {
             handlers: Handlers::default(),
             capabilities: Vec::new(),
             event_capacity: DEFAULT_EVENT_CAPACITY,
+            message_id_memory: DEFAULT_MESSAGE_ID_MEMORY,
             errors: Vec::new(),
         }
     }
@@ -70,6 +72,7 @@ pub struct ClientBuilder {
     handlers: Handlers,
     capabilities: Vec<Capability>,
     event_capacity: usize,
+    message_id_memory: usize,
     /// Registration errors, reported by `build` so that the chain stays fluent.
     errors: Vec<String>,
 }
@@ -131,15 +134,32 @@ impl ClientBuilder {
         self
     }
 
+    /// How many tracked message ids to remember, with their answers (default 1024, at least 1).
+    /// A re-delivered id among them is not handled again: its first answer is sent again. The
+    /// memory lives as long as the client, across reconnects; the oldest ids are forgotten
+    /// first.
+    pub fn message_id_memory(mut self, ids: usize) -> Self {
+        self.message_id_memory = ids.max(1);
+        self
+    }
+
     /// Handles messages of one type (`"agent.ping"`). Takes precedence over a provider handler.
     /// Registering the same type again replaces the handler.
     ///
-    /// The handler runs as its own task, concurrently with other messages (no ordering between
-    /// handler invocations), and is cancelled when the client stops.
+    /// The handler gets the whole message (`type`, and `messageId` when it is tracked) and a
+    /// [`Sender`]. It runs as its own task, concurrently with other messages (no ordering
+    /// between handler invocations), and is cancelled when the client stops.
+    ///
+    /// What it returns answers a tracked message (see [`HandlerResult`]): `()` or `Ok(None)`
+    /// acks it, `Ok(Some(payload))` replies with `payload`, `Err(e)` nacks it with
+    /// `e.to_string()`. A handler that panics nacks it with `handler panicked`. The answer is
+    /// sent after everything the handler itself sent. A message without a `messageId` is not
+    /// answered, whatever the handler returns.
     pub fn on_type<F, Fut>(mut self, ty: &str, handler: F) -> Self
     where
         F: Fn(Value, Sender) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
+        Fut: Future + Send + 'static,
+        Fut::Output: HandlerResult,
     {
         match MessageType::parse(ty) {
             Ok(_) => {
@@ -151,10 +171,12 @@ impl ClientBuilder {
     }
 
     /// Handles every message of a provider (`"agent"` gets `agent.*`) that has no type handler.
+    /// The handler is as for [`on_type`](Self::on_type).
     pub fn on_provider<F, Fut>(mut self, provider: &str, handler: F) -> Self
     where
         F: Fn(Value, Sender) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
+        Fut: Future + Send + 'static,
+        Fut::Output: HandlerResult,
     {
         // A provider is valid exactly when `<provider>.x` is a valid type without a second dot.
         if !provider.contains('.') && MessageType::parse(&format!("{provider}.x")).is_ok() {
@@ -166,6 +188,22 @@ impl ClientBuilder {
                 "handler provider {provider:?} is not [A-Za-z0-9_-]+"
             ));
         }
+        self
+    }
+
+    /// Handles every message that has neither a type nor a provider handler (but never the
+    /// server's own `connection.*` messages). The handler is as for [`on_type`](Self::on_type).
+    ///
+    /// Without one, a tracked message nobody handles is nacked with `no handler for <type>`;
+    /// an agent that acknowledges whatever it receives registers `on_other(|_, _| async {})`.
+    /// It adds nothing to the capability report.
+    pub fn on_other<F, Fut>(mut self, handler: F) -> Self
+    where
+        F: Fn(Value, Sender) -> Fut + Send + Sync + 'static,
+        Fut: Future + Send + 'static,
+        Fut::Output: HandlerResult,
+    {
+        self.handlers.other = Some(boxed(handler));
         self
     }
 
@@ -227,6 +265,7 @@ impl ClientBuilder {
             capabilities: capability_report(&self.handlers, self.capabilities),
             handlers: Arc::new(self.handlers),
             event_capacity: self.event_capacity,
+            message_id_memory: self.message_id_memory,
         })
     }
 }

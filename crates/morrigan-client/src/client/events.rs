@@ -19,7 +19,8 @@ pub enum Event {
     Disconnected { code: u16, reason: String },
     /// An application message (anything but the built-ins the client consumes:
     /// `connection.state` and `client.token.issue`), including `connection.error`. Delivered
-    /// whether or not a handler ran for it.
+    /// whether or not a handler ran for it; a tracked message re-delivered with an id the
+    /// client remembers is not delivered again.
     Message(Value),
     /// The server issued a new identity token; it is in use (and saved, with a state directory).
     TokenRefreshed { expires: String },

@@ -13,6 +13,9 @@ use super::{Event, Events};
 use crate::Error;
 use crate::connect;
 
+/// Providers of the protocol's own messages: [`Sender::publish`] refuses their types.
+const RESERVED_PROVIDERS: [&str; 3] = ["connection", "client", "capability"];
+
 /// Whether a connection is accepted, and its id.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Link {
@@ -125,6 +128,37 @@ impl Sender {
     /// stopped. A message queued just before the connection drops is lost with it.
     pub async fn send_value(&self, message: Value) -> Result<(), Error> {
         let text = connect::encode(&message)?;
+        self.send_text(text).await
+    }
+
+    /// Publishes an uplink message, `{"type": ty, "payload": payload}`: a message for the
+    /// operators rather than for a server provider. The server records it (a message record
+    /// with `direction: in` and state `received`, listed by
+    /// `GET /api/core/client/:clientId/messages?direction=in`) and publishes a `message` event.
+    ///
+    /// `ty` must be a valid type (`<provider>.<message>`, [`Error::InvalidType`] otherwise) and
+    /// not one of the protocol's own (`connection.*`, `client.*`, `capability.*`:
+    /// [`Error::ReservedType`]); nothing is sent when it is not. A type whose provider the
+    /// server itself implements goes to that provider instead. `payload` is any `Serialize`
+    /// ([`Error::InvalidMessage`] if it fails to serialize). Sent like [`send`](Self::send): at
+    /// most once, only while connected, not acknowledged.
+    pub async fn publish<T: Serialize>(&self, ty: &str, payload: T) -> Result<(), Error> {
+        let parsed = MessageType::parse(ty).map_err(|source| Error::InvalidType {
+            ty: ty.to_string(),
+            source,
+        })?;
+        if RESERVED_PROVIDERS.contains(&parsed.provider()) {
+            return Err(Error::ReservedType { ty: ty.to_string() });
+        }
+        let payload =
+            serde_json::to_value(payload).map_err(|e| Error::InvalidMessage(e.to_string()))?;
+        self.send_value(serde_json::json!({"type": ty, "payload": payload}))
+            .await
+    }
+
+    /// Queues an encoded message for the live connection (see [`send_value`](Self::send_value)
+    /// for when it fails).
+    pub(super) async fn send_text(&self, text: String) -> Result<(), Error> {
         if !self.is_connected() {
             return Err(if self.out.is_closed() {
                 Error::Stopped
@@ -190,6 +224,11 @@ impl Handle {
     /// See [`Sender::send_value`].
     pub async fn send_value(&self, message: Value) -> Result<(), Error> {
         self.sender.send_value(message).await
+    }
+
+    /// See [`Sender::publish`].
+    pub async fn publish<T: Serialize>(&self, ty: &str, payload: T) -> Result<(), Error> {
+        self.sender.publish(ty, payload).await
     }
 
     /// Another subscription to the events, starting now (after the client stopped: one that
@@ -284,8 +323,30 @@ mod tests {
             handle.send("a.b", &()).await,
             Err(Error::NotConnected)
         ));
+        // publish: the same checks, and the protocol's own types are refused.
+        assert!(matches!(
+            handle.publish("nodot", json!(1)).await,
+            Err(Error::InvalidType { .. })
+        ));
+        for reserved in ["connection.ack", "client.state", "capability.report"] {
+            assert!(
+                matches!(
+                    handle.publish(reserved, json!({})).await,
+                    Err(Error::ReservedType { ref ty }) if ty == reserved
+                ),
+                "{reserved}"
+            );
+        }
+        assert!(matches!(
+            handle.publish("agent.status", json!({"load": 1})).await,
+            Err(Error::NotConnected)
+        ));
         let sender = handle.sender();
         handle.stop("test").await.unwrap();
         assert!(matches!(sender.send("a.b", &()).await, Err(Error::Stopped)));
+        assert!(matches!(
+            sender.publish("a.b", "x").await,
+            Err(Error::Stopped)
+        ));
     }
 }

@@ -1,5 +1,5 @@
-//! Message handlers registered on the builder: lookup by type, then by provider, and the
-//! capability report they imply.
+//! Message handlers registered on the builder: lookup by type, then by provider, then the
+//! catch-all, and the capability report they imply.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -11,32 +11,51 @@ use morrigan_protocol::message::Capability;
 use serde_json::Value;
 
 use super::Sender;
+use super::tracked::{Answer, HandlerResult};
 
-type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// A running handler: what it answers once done.
+pub(super) type BoxFuture = Pin<Box<dyn Future<Output = Answer> + Send>>;
 pub(super) type HandlerFn = Arc<dyn Fn(Value, Sender) -> BoxFuture + Send + Sync>;
 
 #[derive(Default)]
 pub(super) struct Handlers {
     pub(super) by_type: HashMap<String, HandlerFn>,
     pub(super) by_provider: HashMap<String, HandlerFn>,
+    /// For every application message that has no handler of its own.
+    pub(super) other: Option<HandlerFn>,
 }
 
 impl Handlers {
-    /// The handler for a full type, else for its provider.
+    /// The handler for a full type, else for its provider, else the catch-all (never for the
+    /// server's own `connection.*` messages).
     pub(super) fn find(&self, ty: &str) -> Option<&HandlerFn> {
-        self.by_type.get(ty).or_else(|| {
-            let provider = MessageType::parse(ty).ok()?.provider();
-            self.by_provider.get(provider)
-        })
+        self.by_type
+            .get(ty)
+            .or_else(|| {
+                let provider = MessageType::parse(ty).ok()?.provider();
+                self.by_provider.get(provider)
+            })
+            .or_else(|| {
+                if ty.starts_with("connection.") {
+                    None
+                } else {
+                    self.other.as_ref()
+                }
+            })
     }
 }
 
+/// A handler as the client stores it: its result turned into an [`Answer`].
 pub(super) fn boxed<F, Fut>(handler: F) -> HandlerFn
 where
     F: Fn(Value, Sender) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: HandlerResult,
 {
-    Arc::new(move |message, sender| Box::pin(handler(message, sender)) as BoxFuture)
+    Arc::new(move |message, sender| {
+        let run = handler(message, sender);
+        Box::pin(async move { run.await.into_answer() }) as BoxFuture
+    })
 }
 
 /// The capability report: explicit entries, merged with one entry per provider that has
@@ -120,5 +139,12 @@ mod tests {
         assert!(full.is_some() && provider.is_some());
         assert_ne!(full, provider);
         assert!(handlers.find("other.ping").is_none());
+        // The catch-all takes the rest, but never the server's own messages.
+        handlers.other = Some(boxed(noop));
+        let other = handlers.find("other.ping").map(Arc::as_ptr);
+        assert!(other.is_some());
+        assert_ne!(other, full);
+        assert_ne!(other, provider);
+        assert!(handlers.find("connection.error").is_none());
     }
 }

@@ -4,13 +4,15 @@
 //! One supervisor task (`runner`) owns the connection. The application talks to it through
 //! cheap handles: [`Sender`] (queue messages), [`Handle`] (stop, subscribe) and [`Events`] (what
 //! happened). Message handlers (`handlers`) run as tasks of their own, so a slow handler never
-//! delays pongs or other messages; all of them are cancelled when the client stops.
+//! delays pongs or other messages; all of them are cancelled when the client stops. What a
+//! handler returns answers a tracked message (`tracked`).
 
 mod builder;
 mod events;
 mod handle;
 mod handlers;
 mod runner;
+mod tracked;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +23,7 @@ use tokio::sync::mpsc;
 pub use builder::ClientBuilder;
 pub use events::{Event, Events};
 pub use handle::{Handle, Sender};
+pub use tracked::{Answer, DEFAULT_MESSAGE_ID_MEMORY, HandlerResult, message_id};
 
 use crate::backoff::BackoffConfig;
 use crate::connect::Endpoint;
@@ -55,6 +58,7 @@ pub struct Client {
     capabilities: Vec<Capability>,
     handlers: Arc<Handlers>,
     event_capacity: usize,
+    message_id_memory: usize,
 }
 
 impl std::fmt::Debug for Client {

@@ -1,9 +1,11 @@
 //! The supervisor task: connects, reconnects with backoff across the provider URLs, runs each
 //! accepted connection (greeting, messages both ways, token refresh) and stops gracefully.
 
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use morrigan_protocol::close;
 use morrigan_protocol::message::{Capability, TokenIssue, types};
 use serde_json::{Value, json};
@@ -14,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use super::handle::{Link, Shared};
 use super::handlers::Handlers;
+use super::tracked::{Answer, Delivery, Seen, answer_frame, tracked_id};
 use super::{Client, Event, Sender};
 use crate::Error;
 use crate::backoff::{Backoff, BackoffConfig};
@@ -45,6 +48,9 @@ pub(super) struct Runner {
     stop_rx: mpsc::Receiver<String>,
     out_rx: mpsc::Receiver<String>,
     sender: Sender,
+    /// The tracked message ids seen, with their answers: shared with the handler tasks, which
+    /// record the answers they give.
+    seen: Arc<Mutex<Seen>>,
     tasks: TaskTracker,
     cancel: CancellationToken,
 }
@@ -79,6 +85,7 @@ impl Runner {
             stop_rx,
             out_rx,
             sender,
+            seen: Arc::new(Mutex::new(Seen::new(client.message_id_memory))),
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
         }
@@ -240,7 +247,11 @@ impl Runner {
                     return Err(reason);
                 }
                 incoming = connection.recv() => match incoming {
-                    Incoming::Message(message) => self.on_message(message).await,
+                    Incoming::Message(message) => {
+                        if let Err(e) = self.on_message(connection, message).await {
+                            return Ok(abnormal(e));
+                        }
+                    }
                     Incoming::Closed { code, reason } => return Ok(SessionEnd::Closed { code, reason }),
                 },
                 Some(text) = self.out_rx.recv() => {
@@ -270,7 +281,15 @@ impl Runner {
             .unwrap_or(Err(Error::Timeout("writing a message")))
     }
 
-    async fn on_message(&mut self, message: Value) {
+    /// Dispatches a message: the built-ins the client consumes, else the handler (as a task of
+    /// its own). A tracked message is answered once per id: a re-delivered id is not handled
+    /// again but answered as the first time (or not at all while its handler still runs).
+    /// Fails only when writing such an answer on `connection` fails.
+    async fn on_message(
+        &mut self,
+        connection: &mut Connection,
+        message: Value,
+    ) -> Result<(), Error> {
         let ty = message
             .get("type")
             .and_then(Value::as_str)
@@ -288,22 +307,72 @@ impl Runner {
                         message_type = ?message.get("messageType"), "server reported an error"
                     );
                 }
+                let id = tracked_id(&message, &ty);
+                if let Some(id) = &id {
+                    let delivery = self.seen().deliver(id);
+                    match delivery {
+                        Delivery::New => {}
+                        Delivery::InProgress => {
+                            tracing::debug!(%ty, message_id = %id, "re-delivered while handled");
+                            return Ok(());
+                        }
+                        Delivery::Answered(frame) => {
+                            tracing::debug!(%ty, message_id = %id, "re-delivered: answered again");
+                            return self.write_text(connection, frame).await;
+                        }
+                    }
+                }
                 match self.handlers.find(&ty) {
                     Some(handler) => {
-                        let run = handler(message.clone(), self.sender.clone());
+                        let run = AssertUnwindSafe(handler(message.clone(), self.sender.clone()))
+                            .catch_unwind();
                         let cancel = self.cancel.clone();
+                        let sender = self.sender.clone();
+                        let seen = self.seen.clone();
                         self.tasks.spawn(async move {
-                            tokio::select! {
-                                () = cancel.cancelled() => {}
-                                () = run => {}
+                            let answer = tokio::select! {
+                                () = cancel.cancelled() => return,
+                                answer = run => answer.unwrap_or_else(|_| {
+                                    Answer::Nack("handler panicked".into())
+                                }),
+                            };
+                            let Some(id) = id else { return };
+                            let frame = answer_frame(&id, answer);
+                            seen.lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .answered(&id, &frame);
+                            // Lost with the connection, it is sent again on a re-delivery.
+                            if let Err(e) = sender.send_text(frame).await {
+                                tracing::debug!(message_id = %id, error = %e, "answer not sent");
                             }
                         });
                     }
-                    None => tracing::debug!(%ty, "no handler"),
+                    None => match &id {
+                        Some(id) => {
+                            tracing::debug!(%ty, message_id = %id, "no handler: nacked");
+                            let answer = Answer::Nack(format!("no handler for {ty}"));
+                            let frame = answer_frame(id, answer);
+                            self.seen().answered(id, &frame);
+                            self.write_text(connection, frame).await?;
+                        }
+                        None => tracing::debug!(%ty, "no handler"),
+                    },
                 }
                 self.shared.emit(Event::Message(message));
             }
         }
+        Ok(())
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes an encoded frame, bounded like [`write`](Self::write).
+    async fn write_text(&self, connection: &mut Connection, text: String) -> Result<(), Error> {
+        tokio::time::timeout(self.write_timeout, connection.send_text(text))
+            .await
+            .unwrap_or(Err(Error::Timeout("writing a message")))
     }
 
     async fn on_token_issue(&mut self, message: Value) {

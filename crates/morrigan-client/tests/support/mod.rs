@@ -440,6 +440,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     target: Arc<Mutex<Option<SocketAddr>>>,
     frozen: Arc<watch::Sender<bool>>,
+    /// Bumped by [`cut`](Self::cut): every connection forwarded before ends.
+    cuts: Arc<watch::Sender<u64>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -449,14 +451,16 @@ impl Proxy {
         let addr = listener.local_addr().expect("proxy address");
         let target = Arc::new(Mutex::new(None));
         let frozen = Arc::new(watch::channel(false).0);
+        let cuts = Arc::new(watch::channel(0u64).0);
         let task = {
-            let (target, frozen) = (target.clone(), frozen.clone());
+            let (target, frozen, cuts) = (target.clone(), frozen.clone(), cuts.clone());
             tokio::spawn(async move {
                 // Owned here, so that dropping the proxy ends every connection it forwards.
                 let mut connections = tokio::task::JoinSet::new();
                 while let Ok((inbound, _)) = listener.accept().await {
                     let to = *target.lock().expect("target");
                     let frozen = frozen.clone();
+                    let mut cut = cuts.subscribe();
                     connections.spawn(async move {
                         let Some(to) = to else { return };
                         let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
@@ -464,10 +468,19 @@ impl Proxy {
                         };
                         let (in_read, in_write) = inbound.into_split();
                         let (out_read, out_write) = outbound.into_split();
-                        tokio::join!(
-                            pump(in_read, out_write, frozen.subscribe()),
-                            pump(out_read, in_write, frozen.subscribe()),
-                        );
+                        let forward = async {
+                            tokio::join!(
+                                pump(in_read, out_write, frozen.subscribe()),
+                                pump(out_read, in_write, frozen.subscribe()),
+                            )
+                        };
+                        // The cut first: bytes held by a freeze are dropped with the sockets,
+                        // never forwarded by the thaw that comes with the cut.
+                        tokio::select! {
+                            biased;
+                            _ = cut.changed() => {}
+                            _ = forward => {}
+                        }
                     });
                     while connections.try_join_next().is_some() {}
                 }
@@ -477,6 +490,7 @@ impl Proxy {
             addr,
             target,
             frozen,
+            cuts,
             task,
         }
     }
@@ -494,6 +508,13 @@ impl Proxy {
     /// Stops forwarding anything, in both directions, on every connection.
     pub fn freeze(&self) {
         self.frozen.send_replace(true);
+    }
+
+    /// Ends every connection forwarded so far (both sockets closed, whatever a freeze held
+    /// dropped) and forwards again: a network failure both ends see as a lost connection.
+    pub fn cut(&self) {
+        self.cuts.send_modify(|n| *n += 1);
+        self.frozen.send_replace(false);
     }
 }
 

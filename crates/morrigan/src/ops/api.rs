@@ -182,9 +182,28 @@ impl Api {
         url: Url,
         body: Option<String>,
     ) -> Result<String, Failure> {
+        let (status, text) = self.request(method, url, body, &[]).await?;
+        if (200..300).contains(&status) {
+            return Ok(text);
+        }
+        Err(refusal(status, &text))
+    }
+
+    /// One call with extra headers, whatever its status: `(status, body as received)`. Only a
+    /// failure to talk to the server at all is an `Err`.
+    pub async fn request(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<String>,
+        headers: &[(&str, String)],
+    ) -> Result<(u16, String), Failure> {
         let mut request = self.http.request(method, url);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, value);
         }
         if let Some(body) = body {
             request = request
@@ -192,31 +211,9 @@ impl Api {
                 .body(body);
         }
         let response = request.send().await.map_err(|e| self.unreachable(&e))?;
-        let status = response.status();
+        let status = response.status().as_u16();
         let text = response.text().await.map_err(|e| self.unreachable(&e))?;
-        if status.is_success() {
-            return Ok(text);
-        }
-        // Every error the server answers is an `ErrorBody`; anything else (a proxy's page) is
-        // shown as an excerpt.
-        let reason = serde_json::from_str::<ErrorBody>(&text)
-            .ok()
-            .map(|body| body.reason)
-            .filter(|r| !r.is_empty())
-            .unwrap_or_else(|| {
-                let excerpt: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-                let excerpt: String = excerpt.chars().take(200).collect();
-                if excerpt.is_empty() {
-                    format!("HTTP {status}")
-                } else {
-                    format!("HTTP {status}: {excerpt}")
-                }
-            });
-        let reason = reason.trim().trim_end_matches('.').replace('\n', " ");
-        Err(Failure::msg(match status.as_u16() {
-            401 => format!("{reason} (HTTP 401): run `morrigan login`"),
-            code => format!("{reason} (HTTP {code})"),
-        }))
+        Ok((status, text))
     }
 
     pub async fn get(
@@ -242,4 +239,36 @@ impl Api {
         };
         Failure::msg(format!("cannot reach {}: {what}", self.base))
     }
+}
+
+/// The server's reason for a non-2xx answer, as one line: `<reason> (HTTP <status>)`, with a
+/// hint on 401. Every error the server answers is an `ErrorBody`; anything else (a proxy's
+/// page) is shown as an excerpt.
+pub fn refusal_reason(status: u16, text: &str) -> String {
+    let reason = serde_json::from_str::<ErrorBody>(text)
+        .ok()
+        .map(|body| body.reason)
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| {
+            let excerpt: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            let excerpt: String = excerpt.chars().take(200).collect();
+            if excerpt.is_empty() {
+                format!("HTTP {status}")
+            } else {
+                format!("HTTP {status}: {excerpt}")
+            }
+        });
+    let reason = reason
+        .trim()
+        .trim_end_matches('.')
+        .replace(['\n', '\r'], " ");
+    match status {
+        401 => format!("{reason} (HTTP 401): run `morrigan login`"),
+        code => format!("{reason} (HTTP {code})"),
+    }
+}
+
+/// A non-2xx answer as a [`Failure`] (exit code 1) with [`refusal_reason`].
+pub fn refusal(status: u16, text: &str) -> Failure {
+    Failure::msg(refusal_reason(status, text))
 }

@@ -1,6 +1,7 @@
 //! `morrigan connection`: list, show, message and close connections.
 
-use clap::{Args, Subcommand};
+use clap::{ArgGroup, Args, Subcommand};
+use morrigan_protocol::messages::Track;
 use morrigan_protocol::paths;
 use morrigan_protocol::records::ConnectionRecord;
 use reqwest::Method;
@@ -8,6 +9,7 @@ use serde_json::Value;
 
 use super::api::Api;
 use super::common::{Remote, answer, print_raw};
+use super::message;
 use super::table::{self, Table, short_time, text, yes_no};
 use crate::Failure;
 
@@ -40,6 +42,11 @@ enum ConnectionAction {
     /// Show one connection record.
     Show { id: String },
     /// Send a message to a connection: a JSON object with a "type", or --type and --data.
+    ///
+    /// With --ack or --reply the message is tracked: the command waits (--timeout, default 10
+    /// s) for the device's ack or reply and prints "<message id> <state>" or the reply; exit
+    /// 4 when the answer timed out, 1 when the device refused it.
+    #[command(group(ArgGroup::new("track").args(["ack", "reply"])))]
     Send {
         id: String,
         /// The whole message, e.g. '{"type":"agent.ping","payload":"hi"}'.
@@ -51,6 +58,16 @@ enum ConnectionAction {
         /// The other fields, as a JSON object.
         #[arg(long, requires = "type")]
         data: Option<String>,
+        /// Wait for the device's ack.
+        #[arg(long)]
+        ack: bool,
+        /// Wait for the device's reply, and print it.
+        #[arg(long)]
+        reply: bool,
+        /// How many seconds to wait for the ack or reply (the server's default: 10, at most
+        /// 300).
+        #[arg(long, value_name = "SECONDS", requires = "track")]
+        timeout: Option<u64>,
     },
     /// Close a connection (code 4000).
     Close {
@@ -101,8 +118,24 @@ pub async fn run(cmd: ConnectionCmd) -> Result<(), Failure> {
             message,
             r#type,
             data,
+            ack,
+            reply,
+            timeout,
         } => {
             let text = message_text(message, r#type, data)?;
+            let track = match (ack, reply) {
+                (_, true) => Track::Reply,
+                (true, false) => Track::Ack,
+                (false, false) => Track::None,
+            };
+            if track != Track::None {
+                let mut query = vec![("track", track.as_str().to_string())];
+                if let Some(timeout) = timeout {
+                    query.push(("timeout", timeout.to_string()));
+                }
+                let url = api.url(paths::CONNECTION, &[&id, "send"], &query);
+                return message::send(&api, url, text, &[], as_json).await;
+            }
             let reply = api
                 .call(
                     Method::POST,
