@@ -18,6 +18,7 @@ async fn bare_connect_send_churn() {
         send_url: None,
         admin_name: "admin".into(),
         admin_password: "x".into(),
+        track: None,
     };
     let driver = Arc::new(
         Driver::login(target, vec![std::net::Ipv4Addr::LOCALHOST], None)
@@ -67,6 +68,7 @@ async fn morrigan_connect_and_send() {
         send_url: None,
         admin_name: "admin".into(),
         admin_password: "smoke-password-123".into(),
+        track: None,
     };
     let driver = Arc::new(
         Driver::login(target, vec![std::net::Ipv4Addr::LOCALHOST], None)
@@ -79,16 +81,32 @@ async fn morrigan_connect_and_send() {
     let held = CancellationToken::new();
     let (r, conns) = load::connect_phase(&driver, &identities, 2, &obs, &held).await;
     assert_eq!(r.ok, 4, "failures: {:?}", r.failures);
-    let s = load::send_phase(
-        &driver,
-        Arc::new(conns),
-        2,
-        Duration::from_millis(200),
-        &obs,
-    )
-    .await;
+    let conns = Arc::new(conns);
+    let s = load::send_phase(&driver, conns.clone(), 2, Duration::from_millis(200), &obs).await;
     assert!(s.ok > 0, "failures: {:?}", s.failures);
     assert_eq!(s.lost, 0);
+
+    // Tracked sends: the held sockets answer, the REST calls wait for it.
+    for track in ["ack", "reply"] {
+        let mut target = driver.target.clone();
+        target.track = Some(track.into());
+        let tracked = Arc::new(
+            Driver::login(target, vec![std::net::Ipv4Addr::LOCALHOST], None)
+                .await
+                .unwrap(),
+        );
+        let t =
+            load::send_phase(&tracked, conns.clone(), 2, Duration::from_millis(200), &obs).await;
+        assert!(t.ok > 0, "{track}: failures: {:?}", t.failures);
+    }
+
+    // The outbox: queued for offline devices, drained when they connect.
+    let ids: Vec<String> = (0..2).map(|i| format!("smoke-offline-{i}")).collect();
+    let identities = driver.provision(ids.clone(), 2).await.unwrap();
+    let q = morrigan_bench::tracked::queue_phase(&driver, &ids, 3, 2).await;
+    assert_eq!(q.ok, 6, "failures: {:?}", q.failures);
+    let d = morrigan_bench::tracked::drain_phase(&driver, &identities, 3, 2, &obs, &held).await;
+    assert_eq!(d.ok, 6, "failures: {:?}", d.failures);
     held.cancel();
     tokio::time::sleep(Duration::from_millis(100)).await;
     stop.cancel();
