@@ -165,7 +165,11 @@ async fn an_error_a_panic_or_no_handler_rejects_the_message() {
 
 #[tokio::test]
 async fn a_published_message_is_recorded_as_received() {
-    let node = Node::start().await;
+    // `disk.*` is not a built-in uplink type: the operator declares it.
+    let node = Node::start_with(|s| {
+        s.config.uplink_types = vec!["agent.*".into(), "disk.*".into()];
+    })
+    .await;
     let (handle, _events, id) = device(&node, "dev-pub", |b| b).await;
 
     handle
