@@ -77,7 +77,8 @@ pub struct Config {
     /// created; a send's `ttl` may not be longer.
     pub message_retention: Duration,
     /// Device message types accepted as uplink (published for operators): `type`,
-    /// `provider.*` or `*` (see [`crate::messaging::UplinkTypes`]).
+    /// `provider.*` or `*` (see [`crate::messaging::UplinkTypes`]), besides the built-in
+    /// agent's `agent.*`, which always are.
     pub uplink_types: Vec<String>,
     /// Most messages queued in one client's outbox.
     pub outbox_max_messages: usize,
@@ -116,10 +117,7 @@ impl Config {
             fd_reserve: 256,
             store_timeout: crate::store::Deadline::DEFAULT.call(),
             message_retention: Duration::from_secs(7 * 24 * 3600),
-            uplink_types: crate::messaging::DEFAULT_PATTERNS
-                .iter()
-                .map(|p| p.to_string())
-                .collect(),
+            uplink_types: Vec::new(),
             outbox_max_messages: 1000,
             outbox_max_bytes: 1024 * 1024,
             uplink_keep: 100,

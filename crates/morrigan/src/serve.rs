@@ -82,6 +82,44 @@ pub struct ServeArgs {
     /// Seconds one store call may take before it fails (503) [default: 5].
     #[arg(long, env = "MORRIGAN_STORE_TIMEOUT")]
     store_timeout: Option<u64>,
+    /// How long message records (tracked, queued, uplink) are kept: seconds, or a number with
+    /// s, m, h or d [default: 7d]. A send's ttl may not be longer.
+    #[arg(long, env = "MORRIGAN_MESSAGE_RETENTION", value_parser = duration)]
+    message_retention: Option<Duration>,
+    /// Device message types accepted as uplink (published on the event stream, the last ones
+    /// kept per client): `type`, `provider.*` or `*`; repeatable, comma-separated in the
+    /// environment. The built-in agent's `agent.*` are always uplink.
+    #[arg(long, env = "MORRIGAN_UPLINK_TYPES", value_delimiter = ',')]
+    uplink_types: Vec<String>,
+    /// Most messages queued in one client's outbox [default: 1000].
+    #[arg(long, env = "MORRIGAN_OUTBOX_MAX_MESSAGES")]
+    outbox_max_messages: Option<usize>,
+    /// Most body bytes queued in one client's outbox [default: 1048576].
+    #[arg(long, env = "MORRIGAN_OUTBOX_MAX_BYTES")]
+    outbox_max_bytes: Option<usize>,
+    /// Uplink messages kept per client [default: 100].
+    #[arg(long, env = "MORRIGAN_UPLINK_KEEP")]
+    uplink_keep: Option<u32>,
+}
+
+/// `3600`, `90s`, `15m`, `12h`, `7d`.
+fn duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (3600, 90s, 15m, 12h, 7d)"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 24 * 3600,
+        _ => return Err(format!("'{s}': the unit is s, m, h or d")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(scale)))
 }
 
 /// The same keys in `morrigan.toml`.
@@ -108,6 +146,12 @@ struct FileConfig {
     max_http_connections: Option<usize>,
     fd_reserve: Option<usize>,
     store_timeout: Option<u64>,
+    /// Seconds.
+    message_retention: Option<u64>,
+    uplink_types: Option<Vec<String>>,
+    outbox_max_messages: Option<usize>,
+    outbox_max_bytes: Option<usize>,
+    uplink_keep: Option<u32>,
 }
 
 fn load_file(args: &ServeArgs) -> anyhow::Result<FileConfig> {
@@ -208,6 +252,35 @@ fn resolve(args: ServeArgs) -> anyhow::Result<Config> {
             "--store-timeout must be 1 to 60 seconds"
         );
         c.store_timeout = Duration::from_secs(s);
+    }
+    if let Some(d) = args
+        .message_retention
+        .or(file.message_retention.map(Duration::from_secs))
+    {
+        anyhow::ensure!(
+            d >= Duration::from_secs(60),
+            "--message-retention must be at least a minute"
+        );
+        c.message_retention = d;
+    }
+    let uplink = if args.uplink_types.is_empty() {
+        file.uplink_types.unwrap_or_default()
+    } else {
+        args.uplink_types
+    };
+    morrigan_server::messaging::UplinkTypes::parse(uplink.iter().map(String::as_str))
+        .map_err(|e| anyhow::anyhow!("--uplink-types: {e}"))?;
+    c.uplink_types = uplink;
+    if let Some(n) = args.outbox_max_messages.or(file.outbox_max_messages) {
+        anyhow::ensure!(n >= 1, "--outbox-max-messages must be at least 1");
+        c.outbox_max_messages = n;
+    }
+    if let Some(n) = args.outbox_max_bytes.or(file.outbox_max_bytes) {
+        anyhow::ensure!(n >= 1024, "--outbox-max-bytes must be at least 1024");
+        c.outbox_max_bytes = n;
+    }
+    if let Some(n) = args.uplink_keep.or(file.uplink_keep) {
+        c.uplink_keep = n;
     }
     let proxies = if args.trusted_proxy.is_empty() {
         file.trusted_proxy.unwrap_or_default()

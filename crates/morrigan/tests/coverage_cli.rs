@@ -287,6 +287,45 @@ async fn serve_refuses_a_bad_environment_value_even_over_a_good_file() {
     );
 }
 
+#[tokio::test]
+async fn serve_refuses_bad_messaging_options() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let data = data.to_str().unwrap();
+    for (var, value, expect) in [
+        (
+            "MORRIGAN_UPLINK_TYPES",
+            "telemetry.*,not a type",
+            "error: --uplink-types: 'not a type' is not an uplink type pattern",
+        ),
+        (
+            "MORRIGAN_MESSAGE_RETENTION",
+            "30s",
+            "error: --message-retention must be at least a minute",
+        ),
+        (
+            "MORRIGAN_OUTBOX_MAX_BYTES",
+            "10",
+            "error: --outbox-max-bytes must be at least 1024",
+        ),
+    ] {
+        let (code, stderr) =
+            refused_start(tmp.path(), &[("MORRIGAN_DATA_DIR", data), (var, value)]).await;
+        assert_eq!(code, Some(1), "{var}={value}: {stderr}");
+        assert!(stderr.starts_with(expect), "{var}={value}: {stderr}");
+    }
+    let (code, stderr) = refused_start(
+        tmp.path(),
+        &[
+            ("MORRIGAN_DATA_DIR", data),
+            ("MORRIGAN_MESSAGE_RETENTION", "7 weeks"),
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--message-retention"), "{stderr}");
+}
+
 /// A device connected to `url` (as `client`), past its accept frame; and its connection id.
 async fn device(
     url: &str,

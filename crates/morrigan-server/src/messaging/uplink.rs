@@ -11,7 +11,8 @@ pub struct UplinkTypes {
     any: bool,
 }
 
-/// The built-in agent's messages (`agent.pong` and whatever else it reports).
+/// The built-in agent's messages (`agent.pong` and whatever else it reports): always uplink,
+/// whatever else is configured.
 pub const DEFAULT_PATTERNS: &[&str] = &["agent.*"];
 
 /// A pattern is not `type`, `prefix.*` or `*`.

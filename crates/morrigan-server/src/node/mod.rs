@@ -198,7 +198,10 @@ impl ServerBuilder {
                 outbox_bytes: i64::try_from(config.outbox_max_bytes).unwrap_or(i64::MAX),
                 uplink_keep: config.uplink_keep,
                 uplink: crate::messaging::UplinkTypes::parse(
-                    config.uplink_types.iter().map(String::as_str),
+                    crate::messaging::DEFAULT_PATTERNS
+                        .iter()
+                        .copied()
+                        .chain(config.uplink_types.iter().map(String::as_str)),
                 )?,
             },
         ));
