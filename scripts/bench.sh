@@ -67,11 +67,30 @@ run_pair() {
   stop_server
 }
 
+# run_morrigan <label> <scenario> <args...>: Morrigan alone on a fresh server (tracked messaging
+# has no bare floor: the floor server acknowledges nothing).
+run_morrigan() {
+  local label=$1 scenario=$2; shift 2
+  start_server
+  echo "== $label: morrigan (pid $SERVER_PID)" >&2
+  "$BENCH" "$scenario" --url "http://127.0.0.1:$PORT" --server-pid "$SERVER_PID" \
+    --label "morrigan/$label" "$@" | tail -n1 >>"$RESULTS"
+  stop_server
+}
+
 for n in $SIZES; do
   run_pair "connect-$n" connect -n "$n" -c "$CONC" --hold "$HOLD"
 done
 run_pair "send-$SEND_N" send -n "$SEND_N" -c "$CONC" --load-concurrency "$LOAD_CONC" --duration "$DURATION"
 run_pair "churn" churn --load-concurrency "$LOAD_CONC" --duration "$DURATION"
+# Tracked messaging: the same sends waiting for the device's ack or reply (the held sockets
+# answer), and 1000 offline devices with 10 queued messages each reconnecting at once.
+for track in ack reply; do
+  run_morrigan "tracked-$track-$SEND_N" send -n "$SEND_N" -c "$CONC" --load-concurrency "$LOAD_CONC" \
+    --duration "$DURATION" --track "$track"
+done
+run_morrigan "outbox-${OUTBOX_N:-1000}" outbox -n "${OUTBOX_N:-1000}" -c "$CONC" --per-client 10 \
+  --load-concurrency "$LOAD_CONC"
 
-python3 scripts/bench_table.py "$RESULTS" BENCHMARKS.md
+python3 scripts/bench_table.py "$RESULTS" BENCHMARKS.md "$SEND_N"
 echo "table updated in BENCHMARKS.md (raw: $RESULTS)" >&2

@@ -289,6 +289,36 @@ async fn run() {
         "the send confirmation",
     )
     .await;
+
+    // A send that asks for the device's reply shows the reply, and the client's messages list
+    // it with its state.
+    cdp.eval(
+        r#"document.getElementById('send-body').value = '{"type": "dashboard.ask"}';
+           document.getElementById('send-track').value = 'reply';
+           document.getElementById('send-form').requestSubmit(); true"#,
+    )
+    .await;
+    let asked = device.next_json().await;
+    assert_eq!(asked["type"], "dashboard.ask", "{asked}");
+    let id = asked["messageId"]
+        .as_str()
+        .expect("a tracked frame")
+        .to_string();
+    device
+        .send_json(&json!({"type": "connection.reply", "messageId": id, "payload": {"answer": 42}}))
+        .await;
+    cdp.wait_for(
+        "document.getElementById('send-result').textContent.includes('{\"answer\":42}')",
+        "the device's reply",
+    )
+    .await;
+    cdp.wait_for(
+        &format!(
+            "(document.querySelector('#messages tr[data-message=\"{id}\"]') || {{}}).textContent?.includes('replied')"
+        ),
+        "the replied message in the client's messages",
+    )
+    .await;
     cdp.screenshot(&artifact("dashboard.png")).await;
 
     // Close it: the device sees 4000 with the reason, the page sees it end.

@@ -19,7 +19,7 @@ const state = {
 // ----- API -----
 
 class ApiError extends Error {
-  constructor(status, reason) { super(reason); this.status = status; }
+  constructor(status, reason, data) { super(reason); this.status = status; this.data = data; }
 }
 
 async function api(method, path, body) {
@@ -33,7 +33,7 @@ async function api(method, path, body) {
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch { data = text; }
   if (res.status === 401 && state.token) { logout("Your session expired: log in again."); }
-  if (!res.ok) throw new ApiError(res.status, (data && data.reason) || res.statusText);
+  if (!res.ok) throw new ApiError(res.status, (data && data.reason) || res.statusText, data);
   return data;
 }
 
@@ -203,6 +203,7 @@ async function select(id) {
   render();
   renderDetail();
   loadHistory();
+  loadMessages();
   $("detail-title").focus?.();
 }
 
@@ -237,21 +238,52 @@ async function loadHistory() {
   }
 }
 
+async function loadMessages() {
+  const r = state.conns.get(state.selected);
+  if (!r) return;
+  try {
+    const list = await api("GET", "api/core/client/" + encodeURIComponent(r.clientId) + "/messages?limit=20");
+    $("messages").replaceChildren(...list.messages.map((m) => el("tr", { "data-message": m.id },
+      el("td", { title: m.id }, fmtTime(m.created)),
+      el("td", {}, m.direction === "in" ? "from device" : "to device"),
+      el("td", { class: "mono" }, m.type),
+      el("td", {}, m.state),
+      el("td", { class: "mono" }, m.reply !== null && m.reply !== undefined ? JSON.stringify(m.reply) : (m.reason || "")))));
+  } catch (e) {
+    $("messages").replaceChildren(el("tr", {}, el("td", { colSpan: 5 }, "Could not load: " + e.message)));
+  }
+}
+
+// Message events may come fast (telemetry): the table reloads at most once a second.
+let messagesTimer = null;
+function messagesChanged() {
+  if (messagesTimer) return;
+  messagesTimer = setTimeout(() => { messagesTimer = null; loadMessages(); }, 1000);
+}
+
 async function send(ev) {
   ev.preventDefault();
   const out = $("send-result");
   out.className = "";
   const text = $("send-body").value;
   try { JSON.parse(text); } catch (e) { out.className = "bad"; out.textContent = "Not JSON: " + e.message; return; }
-  out.textContent = "sending…";
+  const track = $("send-track").value;
+  const query = track === "none" ? "" : "?track=" + track + "&timeout=10";
+  out.textContent = track === "none" ? "sending…" : "sending, waiting for the device's " + track + "…";
   try {
-    await api("POST", "api/core/connection/" + encodeURIComponent(state.selected) + "/send", text);
+    const res = await api("POST", "api/core/connection/" + encodeURIComponent(state.selected) + "/send" + query, text);
     out.className = "ok";
-    out.textContent = "Delivered to the socket at " + new Date().toLocaleTimeString() + ".";
+    if (track === "none") out.textContent = "Delivered to the socket at " + new Date().toLocaleTimeString() + ".";
+    else if (res.state === "replied") out.textContent = "Replied: " + JSON.stringify(res.reply);
+    else out.textContent = "Acknowledged by the device (" + res.state + ").";
   } catch (e) {
     out.className = "bad";
-    out.textContent = "Not delivered (" + e.status + "): " + e.message;
+    const d = e.data || {};
+    if (d.state === "timeout") out.textContent = "No answer within 10 s; the message is still tracked (" + d.messageId + ").";
+    else if (d.state === "rejected") out.textContent = "Refused by the device: " + e.message;
+    else out.textContent = "Not delivered (" + e.status + "): " + e.message;
   }
+  loadMessages();
 }
 
 async function closeConn(ev) {
@@ -348,6 +380,10 @@ function onEvent(kind, ev) {
   } else if (kind === "client-state" && r) {
     r.state = ev.state;
     render();
+  }
+  if (kind === "message") {
+    if (state.selected && state.conns.get(state.selected)?.clientId === ev.clientId) messagesChanged();
+    return;
   }
   if (ev.connectionId && ev.connectionId === state.selected) { renderDetail(); loadHistory(); }
   else if (state.selected && state.conns.get(state.selected)?.clientId === ev.clientId) loadHistory();

@@ -106,6 +106,12 @@ impl Tracker {
         }
     }
 
+    /// Whether some message may wait for delivery anywhere: while not, a connect reads no
+    /// outbox (one atomic load).
+    pub fn may_have_outbox(&self) -> bool {
+        self.signals.gate_open()
+    }
+
     /// Tells this node's waiters and the cluster (a `message` event) that `row` changed.
     pub(crate) fn changed(&self, row: &MessageRow) {
         let Ok(state) = row.state() else { return };

@@ -162,6 +162,8 @@ async fn get_connection(
 /// `messageId` and the answer waits (up to `timeout`, default 10 s) for the device's
 /// `connection.ack` or `connection.reply`: see `POST /api/core/client/{clientId}/send` for the
 /// answers' shapes.
+///
+/// Needs the functions `api` and `connection.send`.
 #[utoipa::path(post, path = "/api/core/connection/{id}/send", tag = "connection", security(("userToken" = [])),
     params(("id" = String, Path, description = "Connection id"), super::message::SendQuery),
     request_body(content = Value, description = "A JSON object with a string `type` (`<provider>.<message>`); delivered as sent"),

@@ -99,6 +99,8 @@ pub(super) async fn connection_send(
 /// outbox while it is offline (with `ttl`); with `track` the device acknowledges or answers it,
 /// and with `timeout` the request waits for that. An `Idempotency-Key` header makes a retried
 /// request return the message the first one created.
+///
+/// Needs the functions `api` and `connection.send`.
 #[utoipa::path(post, path = "/api/core/client/{clientId}/send", tag = "message", security(("userToken" = [])),
     params(("clientId" = String, Path, description = "Client id"), SendQuery,
            ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key (per client) return the first message instead of sending again (at most 200 bytes)")),
@@ -178,6 +180,8 @@ pub struct MessagesQuery {
 
 /// A client's messages, newest first: what operators sent it (with their states and replies)
 /// and what it sent as uplink messages (the newest few are kept).
+///
+/// Needs the functions `api` and `connection`.
 #[utoipa::path(get, path = "/api/core/client/{clientId}/messages", tag = "message", security(("userToken" = [])),
     params(("clientId" = String, Path, description = "Client id"), MessagesQuery),
     responses((status = 200, body = MessageList),
@@ -234,6 +238,8 @@ async fn client_messages(
 }
 
 /// One message record: its states' timestamps, the reply, the reason it was refused or failed.
+///
+/// Needs the functions `api` and `connection`.
 #[utoipa::path(get, path = "/api/core/message/{id}", tag = "message", security(("userToken" = [])),
     params(("id" = String, Path, description = "Message id")),
     responses((status = 200, body = MessageResponse),

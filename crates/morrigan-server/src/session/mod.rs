@@ -161,7 +161,9 @@ async fn run_inner<S>(
                 biased;
                 _ = control.kill_signal() => forced(&control),
                 end = async {
-                    if let Some(end) = Box::pin(outbox(&state, &ctx, &mut wire, &mut tracked)).await {
+                    if state.tracker.may_have_outbox()
+                        && let Some(end) = Box::pin(outbox(&state, &ctx, &mut wire, &mut tracked)).await
+                    {
                         return end;
                     }
                     serve(&state, &ctx, &mut wire, &mut rx, &liveness, &control, &mut tracked).await
