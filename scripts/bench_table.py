@@ -73,6 +73,9 @@ open(md, "w").write(text[:i] + "\n" + table + "\n" + text[j:])
 # ----- tracked messaging: tracked sends against the untracked sends of the same run, and the
 # outbox drain (a second table, between its own markers) -----
 
+def phase_of(r, name):
+    return phase(r, name) if r else {}
+
 base = phase_of(runs.get(f"morrigan/send-{send_n}"), "send")
 trows = []
 def trow(what, v, d=0, ref=None, note=""):

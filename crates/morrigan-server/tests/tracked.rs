@@ -378,17 +378,31 @@ async fn the_outbox_is_bounded_and_survives_a_restart() {
     .await;
     let identity = node.provision("dev").await;
     let path = client_send_path("dev", "track=ack&ttl=600");
-    for n in 0..2 {
-        let (status, body) = node
-            .post(&path, &node.admin, &json!({"type": "agent.job", "n": n}))
-            .await;
-        assert_eq!(status, 202, "{body}");
-    }
+    let keyed = |n: u32| {
+        node.http
+            .post(node.url(&path))
+            .bearer_auth(&node.admin)
+            .header("idempotency-key", "job-0")
+            .body(json!({"type": "agent.job", "n": n}).to_string())
+    };
+    let first = keyed(0).send().await.expect("send");
+    assert_eq!(first.status().as_u16(), 202);
+    let first: Value = first.json().await.expect("json");
+    let (status, body) = node
+        .post(&path, &node.admin, &json!({"type": "agent.job", "n": 1}))
+        .await;
+    assert_eq!(status, 202, "{body}");
     let (status, body) = node
         .post(&path, &node.admin, &json!({"type": "agent.job", "n": 2}))
         .await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["state"], "outboxFull");
+    // A retry of the first request is answered with the first message, full outbox or not.
+    let retry = keyed(0).send().await.expect("send");
+    assert_eq!(retry.status().as_u16(), 202);
+    let retry: Value = retry.json().await.expect("json");
+    assert_eq!(retry["messageId"], first["messageId"], "{retry}");
+    assert_eq!(retry["state"], "queued");
     let dir = node.stop().await;
 
     let node = Node::start_in(dir, |c| {

@@ -295,10 +295,13 @@ impl Tracker {
     /// The connection ended: its tracked messages still unanswered wait for the next one.
     pub async fn requeue(&self, connection_id: &str) {
         match self.store.requeue_messages(connection_id).await {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::info!(messages = n, "unanswered messages back in the outbox");
+            Ok(rows) if rows.is_empty() => {}
+            Ok(rows) => {
+                tracing::info!(messages = rows.len(), "unanswered messages back in the outbox");
                 self.signals.open_gate();
+                for row in &rows {
+                    self.changed(row);
+                }
             }
             // The next connection's outbox read finds them anyway (written elsewhere, unanswered).
             Err(e) => tracing::warn!(error = %e, "could not requeue unanswered messages"),

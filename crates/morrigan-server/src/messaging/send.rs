@@ -176,6 +176,13 @@ pub async fn to_client(
     body: &Body,
 ) -> Result<Outcome, SendError> {
     let deadline = opts.timeout.map(|t| tokio::time::Instant::now() + t);
+    // A retry answers with the first message, whatever changed since (client online or not,
+    // outbox full or not).
+    if let Some(key) = opts.idempotency_key.as_deref()
+        && let Some(earlier) = s.store.message_by_key(client_id, key).await?
+    {
+        return answer_for(s, &earlier, opts.track, deadline).await;
+    }
     if s.store.client(client_id).await?.is_none() {
         return Err(SendError::NoClient);
     }
@@ -216,11 +223,13 @@ pub async fn to_client(
             opts.idempotency_key.as_deref(),
         ))
         .await?;
+    if !inserted {
+        // A retry racing the first request: the first one delivers.
+        return answer_for(s, &row, opts.track, deadline).await;
+    }
     let slot = s.tracker.signals().register(&row.id);
     let result = async {
-        if inserted {
-            deliver(s, &row, live, opts, body).await?;
-        }
+        deliver(s, &row, live, opts, body).await?;
         match deadline {
             Some(deadline) => wait(s, &slot, &row, opts.track, deadline).await,
             None => current(s, &row, opts.track).await,
@@ -229,6 +238,22 @@ pub async fn to_client(
     .await;
     s.tracker.signals().release(&row.id, slot);
     result
+}
+
+/// The answer about an existing message: its state now, or after waiting until `deadline`.
+async fn answer_for(
+    s: &AppState,
+    row: &MessageRow,
+    track: Track,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Outcome, SendError> {
+    let Some(deadline) = deadline else {
+        return current(s, row, track).await;
+    };
+    let slot = s.tracker.signals().register(&row.id);
+    let outcome = wait(s, &slot, row, track, deadline).await;
+    s.tracker.signals().release(&row.id, slot);
+    outcome
 }
 
 /// The first delivery of a new client message: to `live` if there is one, else (or if that

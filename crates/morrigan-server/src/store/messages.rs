@@ -133,6 +133,8 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Inserts an uplink message and keeps only the client's newest `keep` uplink messages.
     async fn insert_uplink(&self, m: &NewMessage<'_>, keep: u32) -> Result<()>;
     async fn message(&self, id: &str) -> Result<Option<MessageRow>>;
+    /// The message client `client_id` sent with idempotency key `key`, if any.
+    async fn message_by_key(&self, client_id: &str, key: &str) -> Result<Option<MessageRow>>;
     async fn messages(&self, filter: &MessageFilter<'_>) -> Result<Vec<MessageRow>>;
     /// How many messages, and how many body bytes, wait in the client's outbox.
     async fn outbox_usage(&self, client_id: &str) -> Result<(i64, i64)>;
@@ -169,8 +171,8 @@ pub trait MessageStore: Send + Sync + 'static {
     /// wait); the updated row, or `None` if it had moved on.
     async fn fail_message(&self, id: &str, reason: &str, at: &str) -> Result<Option<MessageRow>>;
     /// Tracked messages written to `connection_id` and unanswered go back to `queued` (the
-    /// connection ended); returns how many.
-    async fn requeue_messages(&self, connection_id: &str) -> Result<u64>;
+    /// connection ended); returns them.
+    async fn requeue_messages(&self, connection_id: &str) -> Result<Vec<MessageRow>>;
     /// Fails every undelivered or unanswered message of a client (deprovisioned).
     async fn fail_client_messages(&self, client_id: &str, reason: &str, at: &str) -> Result<u64>;
     /// Expires up to `limit` undelivered or unanswered messages whose expiry is before `now`;
@@ -278,6 +280,21 @@ macro_rules! sql_messages {
                         .fetch_optional(&self.pool)
                         .await
                         .map_err(db)
+                }
+
+                async fn message_by_key(
+                    &self,
+                    client_id: &str,
+                    key: &str,
+                ) -> Result<Option<MessageRow>> {
+                    sqlx::query_as(
+                        "SELECT * FROM messages WHERE client_id = $1 AND idempotency_key = $2",
+                    )
+                    .bind(client_id)
+                    .bind(key)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)
                 }
 
                 async fn messages(&self, f: &MessageFilter<'_>) -> Result<Vec<MessageRow>> {
@@ -416,16 +433,15 @@ macro_rules! sql_messages {
                     .map_err(db)
                 }
 
-                async fn requeue_messages(&self, connection_id: &str) -> Result<u64> {
-                    let r = sqlx::query(
+                async fn requeue_messages(&self, connection_id: &str) -> Result<Vec<MessageRow>> {
+                    sqlx::query_as(
                         "UPDATE messages SET state = 'queued' WHERE connection_id = $1 \
-                         AND state = 'written' AND track <> 'none'",
+                         AND state = 'written' AND track <> 'none' RETURNING *",
                     )
                     .bind(connection_id)
-                    .execute(&self.pool)
+                    .fetch_all(&self.pool)
                     .await
-                    .map_err(db)?;
-                    Ok(r.rows_affected())
+                    .map_err(db)
                 }
 
                 async fn fail_client_messages(

@@ -123,6 +123,7 @@ metered!(MessageStore {
     fn insert_message(m: &NewMessage<'_>) -> (MessageRow, bool);
     fn insert_uplink(m: &NewMessage<'_>, keep: u32) -> ();
     fn message(id: &str) -> Option<MessageRow>;
+    fn message_by_key(client_id: &str, key: &str) -> Option<MessageRow>;
     fn messages(filter: &MessageFilter<'_>) -> Vec<MessageRow>;
     fn outbox_usage(client_id: &str) -> (i64, i64);
     fn pending_messages(client_id: &str, connection_id: &str, now: &str, limit: u32) -> Vec<MessageRow>;
@@ -130,7 +131,7 @@ metered!(MessageStore {
     fn mark_written(id: &str, connection_id: &str, at: &str) -> Option<MessageRow>;
     fn settle_message(id: &str, client_id: &str, answer: Answer<'_>, at: &str) -> Settled;
     fn fail_message(id: &str, reason: &str, at: &str) -> Option<MessageRow>;
-    fn requeue_messages(connection_id: &str) -> u64;
+    fn requeue_messages(connection_id: &str) -> Vec<MessageRow>;
     fn fail_client_messages(client_id: &str, reason: &str, at: &str) -> u64;
     fn expire_messages(now: &str, limit: u32) -> Vec<MessageRow>;
     fn purge_messages(before: &str) -> u64;
