@@ -46,6 +46,9 @@ pub struct Liveness {
     pub alive: AtomicBool,
     /// Queued for the next flush.
     pub dirty: AtomicBool,
+    /// The connection's client, once its session started: lets a tracked send to a
+    /// connection held here skip reading its record.
+    pub client: std::sync::OnceLock<Arc<str>>,
 }
 
 impl Liveness {
@@ -54,6 +57,7 @@ impl Liveness {
             last_pong_ms: AtomicI64::new(now_ms),
             alive: AtomicBool::new(true),
             dirty: AtomicBool::new(false),
+            client: std::sync::OnceLock::new(),
         }
     }
 }
@@ -280,7 +284,15 @@ impl Hub {
     /// (which the caller supersedes). Of racing promotions for one client, each replaces
     /// exactly the one before it, so exactly one stays the newest.
     pub fn promote(&self, id: &Arc<str>, client_id: &Arc<str>) -> Option<Arc<str>> {
+        if let Some(h) = self.conns.get(id) {
+            let _ = h.liveness.client.set(client_id.clone());
+        }
         self.newest.insert(client_id.clone(), id.clone())
+    }
+
+    /// The client of connection `id`, if its session runs here.
+    pub fn client_of(&self, id: &str) -> Option<Arc<str>> {
+        self.conns.get(id)?.liveness.client.get().cloned()
     }
 
     /// Removes `id` if it is still the entry created with `tx` (a task only removes itself),

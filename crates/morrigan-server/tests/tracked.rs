@@ -474,3 +474,33 @@ async fn uplink_messages_are_kept_and_published_and_other_types_still_refused() 
     }
     device.assert_served(&node).await;
 }
+
+#[tokio::test]
+async fn messages_are_forgotten_after_the_retention() {
+    let node = Node::start_with(|c| c.message_retention = Duration::from_secs(1)).await;
+    node.provision("dev").await;
+    let (status, body) = node
+        .post(
+            &client_send_path("dev", "ttl=1"),
+            &node.admin,
+            &json!({"type": "agent.x"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["messageId"].as_str().expect("id").to_string();
+    // A ttl past the retention is refused.
+    let (status, _) = node
+        .post(
+            &client_send_path("dev", "ttl=2"),
+            &node.admin,
+            &json!({"type": "agent.x"}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    node.upkeep().await;
+    let (status, body) = node
+        .get(&format!("/api/core/message/{id}"), &node.admin)
+        .await;
+    assert_eq!(status, 404, "{body}");
+}

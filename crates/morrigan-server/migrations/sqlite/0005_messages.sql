@@ -22,10 +22,15 @@ CREATE TABLE messages (
     idempotency_key TEXT,
     size BIGINT NOT NULL
 );
--- A client's history and outbox; NULL keys never collide, so only keyed sends are deduplicated.
+-- A client's history and outbox.
 CREATE INDEX messages_client ON messages (client_id, direction, seq);
-CREATE UNIQUE INDEX messages_idempotency ON messages (client_id, idempotency_key);
--- What the expiry sweep, the connection-end requeue and the pending check look for.
-CREATE INDEX messages_open_expiry ON messages (expires) WHERE state IN ('queued', 'written');
+-- Partial indexes hold only the rows their statements look for, so most sends touch few of
+-- them: keyed sends (deduplicated per client), messages with a ttl still waiting (the expiry
+-- sweep), messages written and unanswered (the requeue at a connection's end), messages still
+-- waiting at all (whether any outbox holds something). Retention deletes by `seq`.
+CREATE UNIQUE INDEX messages_idempotency ON messages (client_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX messages_open_expiry ON messages (expires)
+    WHERE expires IS NOT NULL AND state IN ('queued', 'written');
 CREATE INDEX messages_written ON messages (connection_id) WHERE state = 'written';
-CREATE INDEX messages_created ON messages (created);
+CREATE INDEX messages_waiting ON messages (seq) WHERE state IN ('queued', 'written');

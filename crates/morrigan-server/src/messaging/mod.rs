@@ -40,6 +40,10 @@ pub(crate) const OUTBOX_BATCH: u32 = 100;
 pub(crate) const OUTBOX_ROUNDS: usize = 20;
 /// Messages expired per sweep statement.
 const EXPIRE_BATCH: u32 = 1000;
+/// Messages deleted per retention statement, and statements per sweep (a sweep that leaves
+/// some behind continues at the next).
+const PURGE_BATCH: u32 = 1000;
+const PURGE_ROUNDS: usize = 100;
 /// Longest nack reason kept.
 const MAX_REASON: usize = 1024;
 
@@ -297,7 +301,10 @@ impl Tracker {
         match self.store.requeue_messages(connection_id).await {
             Ok(rows) if rows.is_empty() => {}
             Ok(rows) => {
-                tracing::info!(messages = rows.len(), "unanswered messages back in the outbox");
+                tracing::info!(
+                    messages = rows.len(),
+                    "unanswered messages back in the outbox"
+                );
                 self.signals.open_gate();
                 for row in &rows {
                     self.changed(row);
@@ -328,7 +335,11 @@ impl Tracker {
             self.changed(&row);
         }
         let cutoff = time_format::format(now - self.limits.retention);
-        self.store.purge_messages(&cutoff).await?;
+        for _ in 0..PURGE_ROUNDS {
+            if self.store.purge_messages(&cutoff, PURGE_BATCH).await? < u64::from(PURGE_BATCH) {
+                break;
+            }
+        }
         let generation = self.signals.generation();
         if !self.store.any_pending_messages().await? {
             self.signals.close_gate(generation);

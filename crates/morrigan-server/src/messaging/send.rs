@@ -127,24 +127,31 @@ pub async fn to_connection(
     body: &Body,
 ) -> Result<Outcome, SendError> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let record = s
-        .store
-        .connection(connection_id)
-        .await?
-        .ok_or(DeliveryError::NotFound)?;
-    if !record.open {
-        return Err(DeliveryError::Closed(record.close_code).into());
-    }
-    if record.connected.is_none() {
-        return Err(DeliveryError::NotEstablished.into());
-    }
+    // A connection whose session runs here is live: no need to read its record.
+    let client_id = match s.hub.client_of(connection_id) {
+        Some(client) => client.to_string(),
+        None => {
+            let record = s
+                .store
+                .connection(connection_id)
+                .await?
+                .ok_or(DeliveryError::NotFound)?;
+            if !record.open {
+                return Err(DeliveryError::Closed(record.close_code).into());
+            }
+            if record.connected.is_none() {
+                return Err(DeliveryError::NotEstablished.into());
+            }
+            record.client_id
+        }
+    };
     let id = uuid::Uuid::new_v4().to_string();
     let now = time_format::now();
     let (row, _) = s
         .store
         .insert_message(&new_message(
             &id,
-            &record.client_id,
+            &client_id,
             Some(connection_id),
             body,
             track,
@@ -154,9 +161,12 @@ pub async fn to_connection(
         ))
         .await?;
     let slot = s.tracker.signals().register(&id);
-    let result = write(s, &row, connection_id, track, body).await;
+    let result = write(s, &row, connection_id, track, body, true).await;
     let outcome = match result {
-        Ok(()) => wait(s, &slot, &row, track, deadline).await,
+        Ok(()) => {
+            let unmarked = Some(connection_id.to_string());
+            wait(s, &slot, &row, track, deadline, unmarked).await
+        }
         Err(e) => {
             fail(s, &id, &e.to_string()).await;
             Err(e)
@@ -229,9 +239,11 @@ pub async fn to_client(
     }
     let slot = s.tracker.signals().register(&row.id);
     let result = async {
-        deliver(s, &row, live, opts, body).await?;
+        // Only a send that waits for an answer defers the `written` mark (see `MARK_AFTER`).
+        let defer = deadline.is_some() && opts.track != Track::None;
+        let unmarked = deliver(s, &row, live, opts, body, defer).await?;
         match deadline {
-            Some(deadline) => wait(s, &slot, &row, opts.track, deadline).await,
+            Some(deadline) => wait(s, &slot, &row, opts.track, deadline, unmarked).await,
             None => current(s, &row, opts.track).await,
         }
     }
@@ -251,24 +263,25 @@ async fn answer_for(
         return current(s, row, track).await;
     };
     let slot = s.tracker.signals().register(&row.id);
-    let outcome = wait(s, &slot, row, track, deadline).await;
+    let outcome = wait(s, &slot, row, track, deadline, None).await;
     s.tracker.signals().release(&row.id, slot);
     outcome
 }
 
 /// The first delivery of a new client message: to `live` if there is one, else (or if that
 /// fails and the message may wait) into the outbox, looking once more for a connection that
-/// arrived meanwhile.
+/// arrived meanwhile. Returns the connection it was written to with its mark deferred.
 async fn deliver(
     s: &AppState,
     row: &MessageRow,
     live: Option<String>,
     opts: &ClientSend,
     body: &Body,
-) -> Result<(), SendError> {
+    defer: bool,
+) -> Result<Option<String>, SendError> {
     if let Some(conn) = live {
-        match write(s, row, &conn, opts.track, body).await {
-            Ok(()) => return Ok(()),
+        match write(s, row, &conn, opts.track, body, defer).await {
+            Ok(()) => return Ok(defer.then_some(conn)),
             Err(e) if opts.ttl.is_none() => {
                 fail(s, &row.id, &e.to_string()).await;
                 return Err(e);
@@ -286,8 +299,14 @@ async fn deliver(
             s.tracker.written(&row.id, &conn).await;
         }
     }
-    Ok(())
+    Ok(None)
 }
+
+/// How long a waiting send leaves its message's record `queued` after the frame is on the
+/// socket: a device that answers within it writes the one statement that says both (its
+/// answer sets `written` too), one that does not gets the `written` mark then. A crash in
+/// between leaves the record `queued`, which redelivers it: at least once either way.
+const MARK_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Writes `row` to `connection_id` and records it written; a failed write fails the message
 /// (the caller decides whether it may wait instead).
@@ -297,13 +316,16 @@ async fn write(
     connection_id: &str,
     track: Track,
     body: &Body,
+    defer_mark: bool,
 ) -> Result<(), SendError> {
     let started = std::time::Instant::now();
     match delivery::send(s, connection_id, frame(row, track, body)).await {
         Ok(()) => {
             s.metrics.send_duration(started, "ok");
             s.metrics.message_out(&body.message_type);
-            s.tracker.written(&row.id, connection_id).await;
+            if !defer_mark {
+                s.tracker.written(&row.id, connection_id).await;
+            }
             Ok(())
         }
         Err(e) => {
@@ -353,14 +375,18 @@ async fn current(s: &AppState, row: &MessageRow, track: Track) -> Result<Outcome
 
 /// Waits until the message reaches what `track` asks for or a final state, or `deadline`: the
 /// events wake it, the store decides (re-read every [`POLL`] and at the deadline).
+/// `unmarked`: the connection the message was written to, its `written` mark deferred (made
+/// after [`MARK_AFTER`] unless an answer came first).
 async fn wait(
     s: &AppState,
     slot: &super::waiters::Slot,
     row: &MessageRow,
     track: Track,
     deadline: tokio::time::Instant,
+    mut unmarked: Option<String>,
 ) -> Result<Outcome, SendError> {
     let done = |u: &Update| u.state.satisfies(track) || u.state.is_final();
+    let mark_at = tokio::time::Instant::now() + MARK_AFTER;
     loop {
         let notified = slot.notified();
         tokio::pin!(notified);
@@ -376,6 +402,16 @@ async fn wait(
                 satisfied: u.state.satisfies(track),
                 timed_out: false,
             });
+        }
+        if unmarked.is_some() {
+            tokio::select! {
+                _ = &mut notified => continue,
+                _ = tokio::time::sleep_until(mark_at.min(deadline)) => {}
+            }
+            if let Some(conn) = unmarked.take() {
+                s.tracker.written(&row.id, &conn).await;
+            }
+            continue;
         }
         let poll = tokio::time::Instant::now() + POLL;
         tokio::select! {

@@ -94,6 +94,10 @@ impl Signals {
         if !text.starts_with(r#"{"type":"message""#) {
             return;
         }
+        // Nothing to learn: the gate is open and nobody here waits.
+        if self.slots.is_empty() && self.gate_open() {
+            return;
+        }
         let Ok(event) = serde_json::from_str::<ConnectionEvent>(text) else {
             return;
         };

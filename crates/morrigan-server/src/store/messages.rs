@@ -94,6 +94,33 @@ pub struct NewMessage<'a> {
     pub idempotency_key: Option<&'a str>,
 }
 
+impl NewMessage<'_> {
+    /// The row this message is once inserted (its `seq` unknown: 0).
+    pub fn row(&self) -> MessageRow {
+        MessageRow {
+            seq: 0,
+            id: self.id.to_string(),
+            client_id: self.client_id.to_string(),
+            connection_id: self.connection_id.map(str::to_string),
+            direction: self.direction.as_str().to_string(),
+            message_type: self.message_type.to_string(),
+            body: self.body.to_string(),
+            track: self.track.as_str().to_string(),
+            state: self.state.as_str().to_string(),
+            created: self.created.to_string(),
+            written: None,
+            acked: None,
+            replied: None,
+            ended: None,
+            expires: self.expires.map(str::to_string),
+            reply: None,
+            reason: None,
+            idempotency_key: self.idempotency_key.map(str::to_string),
+            size: i64::try_from(self.body.len()).unwrap_or(i64::MAX),
+        }
+    }
+}
+
 /// A device's answer to a tracked message.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Answer<'a> {
@@ -178,8 +205,11 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Expires up to `limit` undelivered or unanswered messages whose expiry is before `now`;
     /// returns them.
     async fn expire_messages(&self, now: &str, limit: u32) -> Result<Vec<MessageRow>>;
-    /// Deletes messages created before `before`.
-    async fn purge_messages(&self, before: &str) -> Result<u64>;
+    /// Deletes up to `limit` of the oldest messages (by insertion) created before `before`;
+    /// returns how many. Insertion order stands for age, so no index on `created` is kept
+    /// (one B-tree less per send): a message inserted after a younger one goes with the next
+    /// sweep after that one.
+    async fn purge_messages(&self, before: &str, limit: u32) -> Result<u64>;
 }
 
 /// Implements [`MessageStore`] for `$store` (a struct with a `pool: sqlx::Pool<$db>` field).
@@ -190,6 +220,7 @@ macro_rules! sql_messages {
             use $crate::store::messages::{
                 Answer, MessageFilter, MessageRow, MessageStore, NewMessage, Settled,
             };
+            use $crate::store::message_path::{InsertRequest, SettleRequest, WrittenRequest};
             use $crate::store::sql::db;
             use $crate::store::Result;
 
@@ -209,11 +240,38 @@ macro_rules! sql_messages {
             #[async_trait::async_trait]
             impl MessageStore for $store {
                 async fn insert_message(&self, m: &NewMessage<'_>) -> Result<(MessageRow, bool)> {
+                    if m.idempotency_key.is_none() {
+                        // The common case: batched with concurrent sends.
+                        let inserted = self
+                            .messages
+                            .insert
+                            .call(InsertRequest {
+                                id: m.id.to_string(),
+                                client_id: m.client_id.to_string(),
+                                connection_id: m.connection_id.map(str::to_string),
+                                direction: m.direction.as_str(),
+                                message_type: m.message_type.to_string(),
+                                body: m.body.to_string(),
+                                track: m.track.as_str(),
+                                state: m.state.as_str(),
+                                created: m.created.to_string(),
+                                expires: m.expires.map(str::to_string),
+                            })
+                            .await?;
+                        if !inserted {
+                            return Err($crate::store::StoreError::Conflict(format!(
+                                "message {} exists",
+                                m.id
+                            )));
+                        }
+                        return Ok((m.row(), true));
+                    }
                     let inserted: Option<MessageRow> = sqlx::query_as(
                         "INSERT INTO messages (id, client_id, connection_id, direction, \
                          message_type, body, track, state, created, expires, idempotency_key, size) \
                          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-                         ON CONFLICT (client_id, idempotency_key) DO NOTHING RETURNING *",
+                         ON CONFLICT (client_id, idempotency_key) WHERE idempotency_key IS NOT NULL \
+                         DO NOTHING RETURNING *",
                     )
                     .bind(m.id)
                     .bind(m.client_id)
@@ -347,8 +405,8 @@ macro_rules! sql_messages {
 
                 async fn any_pending_messages(&self) -> Result<bool> {
                     let one: Option<i64> = sqlx::query_scalar(
-                        "SELECT seq FROM messages WHERE direction = 'out' \
-                         AND (state = 'queued' OR (state = 'written' AND track <> 'none')) LIMIT 1",
+                        "SELECT seq FROM messages WHERE state IN ('queued', 'written') \
+                         AND direction = 'out' AND (state = 'queued' OR track <> 'none') LIMIT 1",
                     )
                     .fetch_optional(&self.pool)
                     .await
@@ -362,14 +420,14 @@ macro_rules! sql_messages {
                     connection_id: &str,
                     at: &str,
                 ) -> Result<Option<MessageRow>> {
-                    sqlx::query_as(concat!("UPDATE messages SET state = 'written', connection_id = $2, written = $3 \
-                         WHERE id = $1 AND ", open!(), " RETURNING *"))
-                    .bind(id)
-                    .bind(connection_id)
-                    .bind(at)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(db)
+                    self.messages
+                        .written
+                        .call(WrittenRequest {
+                            id: id.to_string(),
+                            connection_id: connection_id.to_string(),
+                            at: at.to_string(),
+                        })
+                        .await
                 }
 
                 async fn settle_message(
@@ -379,31 +437,27 @@ macro_rules! sql_messages {
                     answer: Answer<'_>,
                     at: &str,
                 ) -> Result<Settled> {
-                    let query = match answer {
-                        Answer::Ack => sqlx::query_as(concat!("UPDATE messages SET state = 'acked', acked = $3, \
-                             written = COALESCE(written, $3) WHERE ", mine!(), " AND ", open!(), " RETURNING *"))
-                        .bind(id)
-                        .bind(client_id)
-                        .bind(at),
-                        Answer::Reply(payload) => sqlx::query_as(concat!("UPDATE messages SET state = 'replied', replied = $3, reply = $4, \
-                             acked = COALESCE(acked, $3), written = COALESCE(written, $3) \
-                             WHERE ", mine!(), " AND state IN ('queued', 'written', 'acked') RETURNING *"))
-                        .bind(id)
-                        .bind(client_id)
-                        .bind(at)
-                        .bind(payload),
-                        Answer::Nack(reason) => sqlx::query_as(concat!("UPDATE messages SET state = 'rejected', ended = $3, reason = $4 \
-                             WHERE ", mine!(), " AND ", open!(), " RETURNING *"))
-                        .bind(id)
-                        .bind(client_id)
-                        .bind(at)
-                        .bind(reason),
+                    let (kind, payload, reason) = match answer {
+                        Answer::Ack => ("ack", None, None),
+                        Answer::Reply(p) => ("reply", Some(p.to_string()), None),
+                        Answer::Nack(r) => ("nack", None, Some(r.to_string())),
                     };
-                    let updated: Option<MessageRow> =
-                        query.fetch_optional(&self.pool).await.map_err(db)?;
+                    let updated = self
+                        .messages
+                        .settle
+                        .call(SettleRequest {
+                            id: id.to_string(),
+                            client_id: client_id.to_string(),
+                            kind,
+                            at: at.to_string(),
+                            payload,
+                            reason,
+                        })
+                        .await?;
                     if let Some(row) = updated {
                         return Ok(Settled::Updated(Box::new(row)));
                     }
+                    // The rare path: a repeated answer, or a foreign id.
                     let known: Option<i64> = sqlx::query_scalar(concat!("SELECT seq FROM messages WHERE ", mine!()))
                     .bind(id)
                     .bind(client_id)
@@ -472,12 +526,16 @@ macro_rules! sql_messages {
                     .map_err(db)
                 }
 
-                async fn purge_messages(&self, before: &str) -> Result<u64> {
-                    let r = sqlx::query("DELETE FROM messages WHERE created < $1")
-                        .bind(before)
-                        .execute(&self.pool)
-                        .await
-                        .map_err(db)?;
+                async fn purge_messages(&self, before: &str, limit: u32) -> Result<u64> {
+                    let r = sqlx::query(
+                        "DELETE FROM messages WHERE seq IN \
+                         (SELECT seq FROM messages ORDER BY seq LIMIT $2) AND created < $1",
+                    )
+                    .bind(before)
+                    .bind(i64::from(limit))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
                     Ok(r.rows_affected())
                 }
             }

@@ -134,7 +134,7 @@ metered!(MessageStore {
     fn requeue_messages(connection_id: &str) -> Vec<MessageRow>;
     fn fail_client_messages(client_id: &str, reason: &str, at: &str) -> u64;
     fn expire_messages(now: &str, limit: u32) -> Vec<MessageRow>;
-    fn purge_messages(before: &str) -> u64;
+    fn purge_messages(before: &str, limit: u32) -> u64;
 });
 
 metered!(PayloadStore {

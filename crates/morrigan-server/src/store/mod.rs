@@ -20,6 +20,7 @@ mod connections;
 mod hot_path;
 mod identities;
 mod keys;
+mod message_path;
 pub mod messages;
 pub(crate) mod metered;
 mod nodes;

@@ -42,6 +42,7 @@ pub struct PgStore {
     /// The hot path's writes share the pool (PostgreSQL runs them concurrently).
     writer: PgPool,
     hot: super::hot_path::HotPath,
+    messages: super::message_path::MessagePath,
 }
 
 impl PgStore {
@@ -67,10 +68,12 @@ impl PgStore {
             .await
             .map_err(db)?;
         let hot = Self::hot_path(&pool, deadline);
+        let messages = Self::message_path(&pool, deadline);
         let store = Self {
             writer: pool.clone(),
             pool,
             hot,
+            messages,
         };
         // Migrations may wait for another node's and may rewrite large tables: on a connection
         // of their own without the statement timeout.

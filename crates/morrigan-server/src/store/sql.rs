@@ -74,6 +74,7 @@ macro_rules! sql_store {
         $crate::store::hot_path::sql_hot_path!($store, $db, numbered: $numbered);
         $crate::store::payloads::sql_payloads!($store, $db);
         $crate::store::messages::sql_messages!($store, $db);
+        $crate::store::message_path::sql_message_path!($store, $db, numbered: $numbered);
     };
 }
 pub(crate) use sql_store;

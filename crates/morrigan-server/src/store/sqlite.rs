@@ -44,6 +44,8 @@ pub struct SqliteStore {
     /// [`SqliteStore::with_options`].
     writer: SqlitePool,
     hot: super::hot_path::HotPath,
+    /// Message records' batched writes, on the writer too.
+    messages: super::message_path::MessagePath,
 }
 
 impl SqliteStore {
@@ -122,7 +124,13 @@ impl SqliteStore {
                 .map_err(db)?
         };
         let hot = Self::hot_path(&writer, deadline);
-        Ok(Self { pool, writer, hot })
+        let messages = Self::message_path(&writer, deadline);
+        Ok(Self {
+            pool,
+            writer,
+            hot,
+            messages,
+        })
     }
 
     fn pool_options(max: u32, deadline: Deadline) -> SqlitePoolOptions {
