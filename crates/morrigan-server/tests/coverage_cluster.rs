@@ -9,68 +9,13 @@ mod common;
 
 use std::time::Duration;
 
+use common::pg::Database;
 use common::{Node, WAIT};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-fn postgres_url() -> Option<String> {
-    match std::env::var("MORRIGAN_TEST_POSTGRES_URL") {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            assert!(
-                std::env::var_os("MORRIGAN_TEST_REQUIRE_SERVICES").is_none(),
-                "MORRIGAN_TEST_POSTGRES_URL is required (MORRIGAN_TEST_REQUIRE_SERVICES is set)"
-            );
-            eprintln!(
-                "notice: MORRIGAN_TEST_POSTGRES_URL not set; skipping this cluster send test"
-            );
-            None
-        }
-    }
-}
-
-/// A database of the test's own, dropped when the test ends (even when it fails).
-struct Database {
-    base: String,
-    name: String,
-    url: String,
-}
-
-impl Database {
-    async fn create(base: &str) -> Database {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(base)
-            .await
-            .expect("connect to PostgreSQL");
-        let name = format!("morrigan_send_{}", uuid::Uuid::new_v4().simple());
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
-            .await
-            .expect("create database");
-        let mut url = url::Url::parse(base).expect("database URL");
-        url.set_path(&format!("/{name}"));
-        Database {
-            base: base.to_string(),
-            name,
-            url: url.to_string(),
-        }
-    }
-
-    async fn drop_now(self) {
-        use sqlx::Connection;
-        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.base).await {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            )))
-            .execute(&mut conn)
-            .await;
-        }
-    }
-}
 
 async fn node_on(db: &Database, tweak: impl FnOnce(&mut morrigan_server::Config)) -> Node {
     let url = db.url.clone();
@@ -92,8 +37,10 @@ fn assert_error(body: &Value, state: &str, reason_part: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_to_a_node_that_is_gone_answers_503_or_409() {
-    let Some(pg) = postgres_url() else { return };
-    let db = Database::create(&pg).await;
+    let Some(pg) = common::service_url("MORRIGAN_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let db = Database::create(&pg, "send").await;
     let a = node_on(&db, |_| {}).await;
     let b = node_on(&db, |_| {}).await;
     let mut device = a.device("on-a").await;
@@ -181,8 +128,10 @@ const FRAMES: usize = 24;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_the_owners_connection_does_not_take_answers_504_and_is_never_written() {
-    let Some(pg) = postgres_url() else { return };
-    let db = Database::create(&pg).await;
+    let Some(pg) = common::service_url("MORRIGAN_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let db = Database::create(&pg, "send").await;
     // The owner waits long for its socket to drain, so the connection stays up with a frame
     // half written while the frames behind it wait to be taken.
     let a = node_on(&db, |c| {

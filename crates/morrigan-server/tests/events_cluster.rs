@@ -11,32 +11,6 @@ use serde_json::{Value, json};
 
 use common::service_url;
 
-async fn fresh_database(base: &str) -> (String, String) {
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(base)
-        .await
-        .expect("connect to PostgreSQL");
-    let name = format!("morrigan_events_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut conn)
-        .await
-        .expect("create database");
-    let mut url = url::Url::parse(base).expect("database URL");
-    url.set_path(&format!("/{name}"));
-    (url.to_string(), name)
-}
-
-async fn drop_database(base: &str, name: &str) {
-    use sqlx::Connection;
-    if let Ok(mut conn) = sqlx::PgConnection::connect(base).await {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        )))
-        .execute(&mut conn)
-        .await;
-    }
-}
-
 /// Starts a node on the test runtime; returns its base URL, id and stop handle.
 async fn start(
     db: &str,
@@ -72,7 +46,8 @@ async fn scenario(nats: Option<String>) {
     let Some(pg) = service_url("MORRIGAN_TEST_POSTGRES_URL") else {
         return;
     };
-    let (db, name) = fresh_database(&pg).await;
+    let database = common::pg::Database::create(&pg, "events").await;
+    let db = database.url.clone();
     let dir = tempfile::TempDir::new().unwrap();
     let (a, a_id, stop_a, task_a) = start(&db, nats.as_deref(), dir.path().join("a")).await;
     let (b, _, stop_b, task_b) = start(&db, nats.as_deref(), dir.path().join("b")).await;
@@ -147,7 +122,7 @@ async fn scenario(nats: Option<String>) {
     let _ = stop_b.send(());
     let _ = tokio::time::timeout(Duration::from_secs(15), task_a).await;
     let _ = tokio::time::timeout(Duration::from_secs(15), task_b).await;
-    drop_database(&pg, &name).await;
+    database.drop_now().await;
 }
 
 #[tokio::test]

@@ -326,24 +326,12 @@ async fn the_last_full_identity_survives_concurrent_deletes_on_postgres() {
     let Some(base) = common::service_url("MORRIGAN_TEST_POSTGRES_URL") else {
         return;
     };
-    use sqlx::Connection;
-    let name = format!("morrigan_privileges_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = sqlx::PgConnection::connect(&base).await.expect("connect");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut conn)
-        .await
-        .expect("create database");
-    let mut url = url::Url::parse(&base).expect("database URL");
-    url.set_path(&format!("/{name}"));
-    let db = url.to_string();
+    let database = common::pg::Database::create(&base, "privileges").await;
+    let db = database.url.clone();
     let node = Node::start_with(|c| c.database_url = Some(db)).await;
     mutual_deletes(&node, 6).await;
     let _ = node.stop().await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-    )))
-    .execute(&mut conn)
-    .await;
+    database.drop_now().await;
 }
 
 /// A function-bearing route: method, OpenAPI path, the functions it requires, a body.

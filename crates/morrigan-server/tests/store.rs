@@ -455,23 +455,11 @@ async fn postgres_store() {
     let Some(base) = common::service_url("MORRIGAN_TEST_POSTGRES_URL") else {
         return;
     };
-    use sqlx::Connection;
-    let name = format!("morrigan_store_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&base).await.expect("connect");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut admin)
-        .await
-        .expect("create database");
-    let mut url = reqwest::Url::parse(&base).expect("url");
-    url.set_path(&format!("/{name}"));
+    let database = common::pg::Database::create(&base, "store").await;
     {
-        let store = PgStore::connect(url.as_str()).await.expect("postgres");
+        let store = PgStore::connect(&database.url).await.expect("postgres");
         exercise(Arc::new(store.clone())).await;
         store.pool().close().await;
     }
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await;
+    database.drop_now().await;
 }
