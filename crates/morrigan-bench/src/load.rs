@@ -317,7 +317,7 @@ pub async fn hold(mut ws: Ws, obs: Arc<Observed>, stop: CancellationToken) {
                         obs.e2e.lock().unwrap().record_us(now.saturating_sub(sent) / 1000);
                         obs.received.fetch_add(1, Ordering::Relaxed);
                     }
-                    if let Some(answer) = crate::tracked::answer(&t)
+                    if let Some(answer) = answer(&t)
                         && ws.send(Message::Text(answer.into())).await.is_err()
                     {
                         break Some("drop-answer".into());
@@ -339,6 +339,22 @@ pub async fn hold(mut ws: Ws, obs: Arc<Observed>, stop: CancellationToken) {
             let _ = tokio::time::timeout(Duration::from_secs(5), ws.close(None)).await;
         }
     }
+}
+
+/// The answer a device gives a tracked frame: a reply to `bench.call`, an ack to anything
+/// else; `None` for an untracked frame.
+pub fn answer(text: &str) -> Option<String> {
+    if !text.contains(r#""messageId":""#) {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let id = v["messageId"].as_str()?;
+    let answer = if v["type"] == "bench.call" {
+        serde_json::json!({"type": "connection.reply", "messageId": id, "payload": {"seq": v["seq"]}})
+    } else {
+        serde_json::json!({"type": "connection.ack", "messageId": id})
+    };
+    Some(answer.to_string())
 }
 
 fn frame_time(text: &str) -> Option<u64> {

@@ -9,26 +9,10 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::load::{ConnectResult, Driver, Observed, hold};
+use crate::load::{ConnectResult, Driver, Observed, answer, hold};
 
 /// How long a reconnected device waits for its whole queue.
 const DRAIN_WAIT: Duration = Duration::from_secs(120);
-
-/// The answer a device gives a tracked frame: a reply to `bench.call`, an ack to anything
-/// else; `None` for an untracked frame.
-pub fn answer(text: &str) -> Option<String> {
-    if !text.contains(r#""messageId":""#) {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_str(text).ok()?;
-    let id = v["messageId"].as_str()?;
-    let answer = if v["type"] == "bench.call" {
-        serde_json::json!({"type": "connection.reply", "messageId": id, "payload": {"seq": v["seq"]}})
-    } else {
-        serde_json::json!({"type": "connection.ack", "messageId": id})
-    };
-    Some(answer.to_string())
-}
 
 /// Queues `per_client` tracked messages (ttl one hour) for each offline client, at
 /// `concurrency`; `ok` counts messages queued.

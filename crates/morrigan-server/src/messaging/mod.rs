@@ -27,9 +27,8 @@ use serde_json::Value;
 
 use crate::events::Observer;
 use crate::metrics::Metrics;
-use crate::providers::{HandlerError, MessageContext};
-use crate::store::Store;
 use crate::store::messages::{Answer, MessageRow, NewMessage, Settled};
+use crate::store::{Store, StoreError};
 pub use uplink::{DEFAULT_PATTERNS, PatternError, UplinkTypes};
 pub use waiters::Signals;
 use waiters::Update;
@@ -46,6 +45,22 @@ const PURGE_BATCH: u32 = 1000;
 const PURGE_ROUNDS: usize = 100;
 /// Longest nack reason kept.
 const MAX_REASON: usize = 1024;
+
+/// Why a device's answer (`connection.ack|reply|nack`) was not recorded; the connection
+/// provider turns each into a `connection.error`.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    /// Not `ack`, `reply` or `nack`.
+    #[error("unknown message")]
+    UnknownMessage,
+    #[error("{0}")]
+    Invalid(String),
+    /// No message with that id was sent to this client.
+    #[error("{0}")]
+    UnknownId(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// The bounds and choices of tracked messaging (see `Config`).
 #[derive(Debug, Clone)]
@@ -154,17 +169,17 @@ impl Tracker {
     /// for it; a repeated answer is accepted silently (delivery is at least once).
     pub async fn answer(
         &self,
-        ctx: &MessageContext,
+        client_id: &str,
         message: &str,
         body: &Value,
-    ) -> Result<(), HandlerError> {
+    ) -> Result<(), AnswerError> {
         if !matches!(message, "ack" | "reply" | "nack") {
-            return Err(HandlerError::UnknownMessage);
+            return Err(AnswerError::UnknownMessage);
         }
         let id = body
             .get(wire::MESSAGE_ID)
             .and_then(Value::as_str)
-            .ok_or_else(|| HandlerError::Invalid("'messageId' must be a string".into()))?;
+            .ok_or_else(|| AnswerError::Invalid("'messageId' must be a string".into()))?;
         let payload;
         let reason;
         let answer = match message {
@@ -186,12 +201,12 @@ impl Tracker {
                     .collect::<String>();
                 Answer::Nack(&reason)
             }
-            _ => return Err(HandlerError::UnknownMessage),
+            _ => return Err(AnswerError::UnknownMessage),
         };
         let now = time_format::now();
         match self
             .store
-            .settle_message(id, &ctx.client_id, answer, &now)
+            .settle_message(id, client_id, answer, &now)
             .await?
         {
             Settled::Updated(row) => {
@@ -199,7 +214,7 @@ impl Tracker {
                 Ok(())
             }
             Settled::Unchanged => Ok(()),
-            Settled::Unknown => Err(HandlerError::UnknownId(format!(
+            Settled::Unknown => Err(AnswerError::UnknownId(format!(
                 "no message '{id}' was sent to this client"
             ))),
         }
@@ -207,7 +222,13 @@ impl Tracker {
 
     /// Accepts a device message of an uplink type: counted, kept (the client's newest few) and
     /// published. `false` if `message_type` is not uplink.
-    pub async fn uplink(&self, ctx: &MessageContext, message_type: &str, body: &Value) -> bool {
+    pub async fn uplink(
+        &self,
+        client_id: &str,
+        connection_id: &str,
+        message_type: &str,
+        body: &Value,
+    ) -> bool {
         if !self.limits.uplink.matches(message_type) {
             return false;
         }
@@ -218,8 +239,8 @@ impl Tracker {
         let text = body.to_string();
         let m = NewMessage {
             id: &id,
-            client_id: &ctx.client_id,
-            connection_id: Some(&ctx.connection_id),
+            client_id,
+            connection_id: Some(connection_id),
             direction: Direction::In,
             message_type,
             body: &text,
@@ -235,8 +256,8 @@ impl Tracker {
         self.changed(&MessageRow {
             seq: 0,
             id,
-            client_id: ctx.client_id.to_string(),
-            connection_id: Some(ctx.connection_id.to_string()),
+            client_id: client_id.to_string(),
+            connection_id: Some(connection_id.to_string()),
             direction: Direction::In.as_str().into(),
             message_type: message_type.to_string(),
             body: text,

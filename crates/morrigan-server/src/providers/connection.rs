@@ -52,7 +52,18 @@ impl Provider for ConnectionProvider {
         message: &str,
         body: Value,
     ) -> Result<Option<Value>, HandlerError> {
-        ctx.services.tracker.answer(ctx, message, &body).await?;
-        Ok(None)
+        use crate::messaging::AnswerError;
+        match ctx
+            .services
+            .tracker
+            .answer(&ctx.client_id, message, &body)
+            .await
+        {
+            Ok(()) => Ok(None),
+            Err(AnswerError::UnknownMessage) => Err(HandlerError::UnknownMessage),
+            Err(AnswerError::Invalid(reason)) => Err(HandlerError::Invalid(reason)),
+            Err(AnswerError::UnknownId(reason)) => Err(HandlerError::UnknownId(reason)),
+            Err(AnswerError::Store(e)) => Err(e.into()),
+        }
     }
 }

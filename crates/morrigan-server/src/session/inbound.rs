@@ -189,7 +189,12 @@ pub(super) async fn handle_text(
         }
     };
     let Some(provider) = providers.get(parsed.provider()) else {
-        if ctx.services.tracker.uplink(ctx, &ty, &value).await {
+        if ctx
+            .services
+            .tracker
+            .uplink(&ctx.client_id, &ctx.connection_id, &ty, &value)
+            .await
+        {
             return None;
         }
         return Some(error_frame(
