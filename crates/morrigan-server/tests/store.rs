@@ -463,3 +463,32 @@ async fn postgres_store() {
     }
     database.drop_now().await;
 }
+
+/// Commits never run a checkpoint (`wal_autocheckpoint = 0`): a task beside the writer copies
+/// the write-ahead log into the database file every second, so the log does not grow with
+/// the writes and the data reaches the database file without any commit waiting for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_ahead_log_is_checkpointed_beside_the_writer() {
+    use morrigan_server::store::ClientStore;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("m.db");
+    let store = SqliteStore::open(&path).await.expect("sqlite");
+    let db_size = || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let before = db_size();
+    let now = morrigan_protocol::time_format::now();
+    for i in 0..2000 {
+        store
+            .upsert_client(&format!("client-{i:05}-{}", "x".repeat(64)), &now)
+            .await
+            .expect("upsert");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while db_size() <= before + 100_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database file did not grow: {} bytes (was {before})",
+            db_size()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -90,7 +90,10 @@ impl SqliteStore {
             .foreign_keys(false)
             // The batched statements have one text per batch size (up to 32 each): room for
             // them and everything else, so none is prepared twice.
-            .statement_cache_capacity(512);
+            .statement_cache_capacity(512)
+            // No commit runs a checkpoint (and its fsync) inline: `checkpoints` does, beside
+            // the writer (see below).
+            .pragma("wal_autocheckpoint", "0");
         if max > 1 {
             // Create the file, switch it to WAL and migrate it on one connection, before any
             // other opens: sqlx opens a pool's first connections concurrently, each checked
@@ -123,6 +126,9 @@ impl SqliteStore {
                 .await
                 .map_err(db)?
         };
+        if max > 1 {
+            tokio::spawn(checkpoints(pool.clone()));
+        }
         let hot = Self::hot_path(&writer, deadline);
         let messages = Self::message_path(&writer, deadline);
         Ok(Self {
@@ -153,6 +159,29 @@ impl SqliteStore {
     /// identity changes (see `identities.rs`).
     async fn begin_identities(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
         self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)
+    }
+}
+
+/// How often the write-ahead log is copied back into the database.
+const CHECKPOINT_PERIOD: Duration = Duration::from_secs(1);
+
+/// Copies the write-ahead log into the database every [`CHECKPOINT_PERIOD`], on a pooled
+/// connection, until the pool closes. `PASSIVE` never waits for the writer or readers: a
+/// commit never waits for a checkpoint, and the log stays about one period of writes long.
+async fn checkpoints(pool: SqlitePool) {
+    let mut tick = tokio::time::interval(CHECKPOINT_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if pool.is_closed() {
+            return;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            tracing::debug!(error = %e, "checkpoint failed; retried next period");
+        }
     }
 }
 
