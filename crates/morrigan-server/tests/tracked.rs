@@ -504,3 +504,40 @@ async fn messages_are_forgotten_after_the_retention() {
         .await;
     assert_eq!(status, 404, "{body}");
 }
+
+/// A device's answers to tracked frames are owed, not chatter: an operator who sends a device
+/// more tracked messages per second than its message rate still gets every answer (before,
+/// the answers past the rate were refused with `rateLimited` and the sends timed out).
+#[tokio::test]
+async fn answers_owed_for_tracked_frames_pass_the_message_rate_limit() {
+    let node = Node::start_with(|c| c.max_messages_per_second = 5).await;
+    let mut device = node.device("dev").await;
+    let path = send_path(&device.id, "track=ack&timeout=5");
+    const SENDS: usize = 60;
+    let sender = async {
+        for n in 0..SENDS {
+            let (status, body) = node
+                .post(&path, &node.admin, &json!({"type": "agent.job", "n": n}))
+                .await;
+            assert_eq!(status, 200, "send {n}: {body}");
+            assert_eq!(body["state"], "acked");
+        }
+    };
+    let device_side = async {
+        for _ in 0..SENDS {
+            let (id, _) = tracked_frame(&mut device, "agent.job").await;
+            device
+                .send_json(&json!({"type": "connection.ack", "messageId": id}))
+                .await;
+        }
+    };
+    tokio::join!(sender, device_side);
+    // Other messages are still limited: a burst past twice the rate is refused.
+    for _ in 0..20 {
+        device
+            .send_json(&json!({"type": "client.state", "state": "busy"}))
+            .await;
+    }
+    let refused = device.next_json().await;
+    assert_eq!(refused["error"], "rateLimited", "{refused}");
+}

@@ -311,6 +311,7 @@ impl From<SendError> for ApiError {
             }
             SendError::Delivery(e) => e.into(),
             SendError::Store(e) => e.into(),
+            SendError::Unrecorded(_) => ApiError::internal(reason),
         }
     }
 }

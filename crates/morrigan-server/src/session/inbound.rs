@@ -137,6 +137,15 @@ impl<'a> Inbox<'a> {
     }
 }
 
+/// Whether `text` looks like an answer to a tracked message (checked only past the rate
+/// limit; the provider validates it).
+pub(super) fn is_answer(text: &str) -> bool {
+    use morrigan_protocol::messages::types;
+    [types::ACK, types::REPLY, types::NACK]
+        .iter()
+        .any(|t| text.contains(&format!("\"{t}\"")))
+}
+
 pub(super) fn error_frame(
     kind: &str,
     reason: impl Into<String>,

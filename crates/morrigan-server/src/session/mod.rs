@@ -131,8 +131,8 @@ async fn run_inner<S>(
         connection_id: Some(record.id.clone()),
     };
     let fenced = !state.lease.held();
-    // Whether a tracked message was written here: only then does the end requeue.
-    let mut tracked = false;
+    // Tracked messages written here: only then does the end requeue.
+    let mut tracked = Owed::default();
     let sent = match serde_json::to_string(&accepted) {
         Ok(text) if closing.is_none() && !fenced => {
             Box::pin(wire.send_now(Message::Text(text.into()))).await
@@ -199,7 +199,7 @@ async fn run_inner<S>(
     };
     // Written now, or queued and retried until the store takes it (see records.rs).
     Box::pin(state.records.close(&id, &info)).await;
-    if tracked {
+    if tracked.any {
         Box::pin(state.tracker.requeue(&id)).await;
     }
     tracing::info!(code = end.code, reason = %end.reason, "disconnected");
@@ -212,6 +212,39 @@ async fn run_inner<S>(
     };
     for hook in state.hooks.iter() {
         hook.disconnect(&event).await;
+    }
+}
+
+/// Most answers a connection may owe beyond its message rate.
+const MAX_OWED: u32 = 1024;
+
+/// The tracked frames written on a connection: whether any was (its end requeues those left
+/// unanswered), and how many answers (`connection.ack|reply|nack`) the device owes. Those
+/// answers pass the per-connection rate limit, one per tracked frame: an operator who sends a
+/// device more than its message rate must not lose the answers to timeouts.
+#[derive(Default)]
+struct Owed {
+    any: bool,
+    answers: u32,
+}
+
+impl Owed {
+    /// A frame went to the device.
+    fn wrote(&mut self, text: &str) {
+        if messaging::is_tracked(text) {
+            self.any = true;
+            self.answers = (self.answers + 1).min(MAX_OWED);
+        }
+    }
+
+    /// Whether `text`, over the rate limit, is an owed answer (and counts it).
+    fn answered(&mut self, text: &str) -> bool {
+        if self.answers > 0 && inbound::is_answer(text) {
+            self.answers -= 1;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -282,7 +315,7 @@ async fn outbox<S: AsyncRead + AsyncWrite + Unpin>(
     state: &AppState,
     ctx: &MessageContext,
     wire: &mut Wire<S>,
-    tracked: &mut bool,
+    tracked: &mut Owed,
 ) -> Option<End> {
     for _ in 0..messaging::OUTBOX_ROUNDS {
         let frames = state
@@ -294,7 +327,7 @@ async fn outbox<S: AsyncRead + AsyncWrite + Unpin>(
             if !state.lease.held() {
                 return Some(End::lost("this node cannot confirm its lease"));
             }
-            *tracked |= messaging::is_tracked(&frame);
+            tracked.wrote(&frame);
             if !wire.send_now(Message::Text(frame.into())).await {
                 return Some(End::lost("could not write a queued message"));
             }
@@ -315,7 +348,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     rx: &mut mpsc::Receiver<Box<Outgoing>>,
     liveness: &Arc<Liveness>,
     control: &Control,
-    tracked: &mut bool,
+    tracked: &mut Owed,
 ) -> End {
     let period = state.config.heartbeat_interval;
     // Pings sent since the last pong: one unanswered marks the connection not alive, two close
@@ -373,7 +406,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Io::Frame(Some(Ok(msg))) => match msg {
                     Message::Text(text) => {
-                        if limit.allow() {
+                        // An answer the device owes for a tracked frame is not limited: the
+                        // operator chose that rate (see `Owed`).
+                        if limit.allow() || tracked.answered(&text) {
                             inbox.push(Inbound::Message(text));
                         } else {
                             inbox.push(Inbound::Answer(error_frame(
@@ -424,7 +459,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     break End::new(close::INTERNAL_ERROR, "command channel closed");
                 };
                 let Outgoing { text, ticket } = *frame;
-                *tracked |= messaging::is_tracked(&text);
+                tracked.wrote(&text);
                 // A frame whose sender gave up is never written, nor one reaching a node that
                 // just found it cannot confirm its lease (the sender hears "closed").
                 if !state.lease.held() {
