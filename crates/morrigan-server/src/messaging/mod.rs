@@ -84,8 +84,6 @@ pub struct Tracker {
     metrics: Arc<Metrics>,
     node_id: String,
     limits: Limits,
-    /// How long an answer waits for its message's insert (the store deadline).
-    insert_bound: Duration,
 }
 
 impl Tracker {
@@ -96,7 +94,6 @@ impl Tracker {
         metrics: Arc<Metrics>,
         node_id: &str,
         limits: Limits,
-        insert_bound: Duration,
     ) -> Self {
         Self {
             store,
@@ -105,7 +102,6 @@ impl Tracker {
             metrics,
             node_id: node_id.to_string(),
             limits,
-            insert_bound,
         }
     }
 
@@ -208,21 +204,11 @@ impl Tracker {
             _ => return Err(AnswerError::UnknownMessage),
         };
         let now = time_format::now();
-        let mut settled = self
+        match self
             .store
             .settle_message(id, client_id, answer, &now)
-            .await?;
-        // The answer may have outrun its message's insert (a send to a socket held here
-        // writes the frame while the record commits): once no insert of that id is under way
-        // here (it may have ended between the statement above and this check), try again.
-        if settled == Settled::Unknown {
-            self.signals.wait_insert(id, self.insert_bound).await;
-            settled = self
-                .store
-                .settle_message(id, client_id, answer, &now)
-                .await?;
-        }
-        match settled {
+            .await?
+        {
             Settled::Updated(row) => {
                 self.changed(&row);
                 Ok(())

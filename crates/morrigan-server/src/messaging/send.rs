@@ -43,12 +43,6 @@ pub enum SendError {
     Delivery(#[from] DeliveryError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The frame reached the socket but its record could not be written: the device has it,
-    /// its answer will not be tracked.
-    #[error(
-        "The message was written to the device, but the store did not record it ({0}); its answer will not be tracked."
-    )]
-    Unrecorded(StoreError),
 }
 
 /// A validated send body: a JSON object with a valid string `type` and no `messageId`.
@@ -134,9 +128,7 @@ pub async fn to_connection(
 ) -> Result<Outcome, SendError> {
     let deadline = tokio::time::Instant::now() + timeout;
     // A connection whose session runs here is live: no need to read its record.
-    let local = s.hub.client_of(connection_id);
-    let overlap = local.is_some();
-    let client_id = match local {
+    let client_id = match s.hub.client_of(connection_id) {
         Some(client) => client.to_string(),
         None => {
             let record = s
@@ -155,39 +147,21 @@ pub async fn to_connection(
     };
     let id = uuid::Uuid::new_v4().to_string();
     let now = time_format::now();
-    let message = new_message(
-        &id,
-        &client_id,
-        Some(connection_id),
-        body,
-        track,
-        &now,
-        None,
-        None,
-    );
-    let row = message.row();
+    let (row, _) = s
+        .store
+        .insert_message(&new_message(
+            &id,
+            &client_id,
+            Some(connection_id),
+            body,
+            track,
+            &now,
+            None,
+            None,
+        ))
+        .await?;
     let slot = s.tracker.signals().register(&id);
-    let result = if overlap {
-        // The socket is here, so is any answer to the frame: the record's insert and the
-        // socket write run together (an answer that outruns the insert waits for it, see
-        // `Signals::wait_insert`), which takes one store round trip off the send.
-        s.tracker.signals().begin_insert(&id);
-        let (inserted, written) = tokio::join!(
-            s.store.insert_message(&message),
-            write(s, &row, connection_id, track, body, true)
-        );
-        s.tracker.signals().end_insert(&id);
-        match (inserted, written) {
-            (Ok(_), written) => written,
-            (Err(e), Ok(())) => Err(SendError::Unrecorded(e)),
-            (Err(e), Err(_)) => Err(e.into()),
-        }
-    } else {
-        match s.store.insert_message(&message).await {
-            Ok(_) => write(s, &row, connection_id, track, body, true).await,
-            Err(e) => Err(e.into()),
-        }
-    };
+    let result = write(s, &row, connection_id, track, body, true).await;
     let outcome = match result {
         Ok(()) => {
             let unmarked = Some(connection_id.to_string());

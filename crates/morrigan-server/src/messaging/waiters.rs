@@ -59,9 +59,6 @@ pub struct Signals {
     /// Bumped by every [`Signals::open_gate`], so that a sweep that found nothing pending
     /// closes the gate only if nothing was queued meanwhile.
     generation: AtomicU64,
-    /// Messages whose record is being inserted while their frame is already on its way to a
-    /// socket held here: a device's answer that arrives first waits for the insert.
-    inserting: DashMap<String, Arc<Notify>>,
 }
 
 impl Signals {
@@ -125,34 +122,6 @@ impl Signals {
         }
     }
 
-    /// Message `id`'s record is being inserted (see [`Signals::wait_insert`]).
-    pub(super) fn begin_insert(&self, id: &str) {
-        self.inserting
-            .insert(id.to_string(), Arc::new(Notify::new()));
-    }
-
-    /// Message `id`'s insert ended (done or failed): release the answers waiting for it.
-    pub(super) fn end_insert(&self, id: &str) {
-        if let Some((_, n)) = self.inserting.remove(id) {
-            n.notify_waiters();
-        }
-    }
-
-    /// Waits (at most `bound`) for message `id`'s insert if one is under way here; whether one
-    /// was.
-    pub(super) async fn wait_insert(&self, id: &str, bound: Duration) -> bool {
-        let Some(n) = self.inserting.get(id).map(|n| n.clone()) else {
-            return false;
-        };
-        let notified = n.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if self.inserting.contains_key(id) {
-            let _ = tokio::time::timeout(bound, notified).await;
-        }
-        true
-    }
-
     /// Some message may now wait for delivery.
     pub fn open_gate(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -194,34 +163,6 @@ mod tests {
         assert_eq!(slot.latest().map(|u| u.state), Some(MessageState::Acked));
         signals.release("m", slot);
         assert!(signals.slots.is_empty());
-    }
-
-    #[tokio::test]
-    async fn an_answer_waits_for_its_messages_insert_only_while_one_runs() {
-        let signals = Arc::new(Signals::default());
-        let bound = Duration::from_secs(10);
-        assert!(
-            !signals.wait_insert("m", bound).await,
-            "no insert under way"
-        );
-        signals.begin_insert("m");
-        let waiting = {
-            let signals = signals.clone();
-            tokio::spawn(async move {
-                let started = tokio::time::Instant::now();
-                let waited = signals.wait_insert("m", bound).await;
-                (waited, started.elapsed())
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        signals.end_insert("m");
-        let (waited, took) = waiting.await.expect("joined");
-        assert!(waited);
-        assert!(
-            took < bound,
-            "released by the end of the insert, not the bound"
-        );
-        assert!(signals.inserting.is_empty());
     }
 
     #[test]

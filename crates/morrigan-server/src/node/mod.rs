@@ -204,7 +204,6 @@ impl ServerBuilder {
                         .chain(config.uplink_types.iter().map(String::as_str)),
                 )?,
             },
-            config.store_timeout,
         ));
         tracker.start().await;
         let mut hooks: Vec<Arc<dyn Hooks>> = vec![observer];

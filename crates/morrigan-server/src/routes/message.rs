@@ -311,7 +311,6 @@ impl From<SendError> for ApiError {
             }
             SendError::Delivery(e) => e.into(),
             SendError::Store(e) => e.into(),
-            SendError::Unrecorded(_) => ApiError::internal(reason),
         }
     }
 }
