@@ -47,14 +47,15 @@ pub(crate) struct MessagePath {
     pub settle: Batcher<SettleRequest, Option<MessageRow>>,
 }
 
-/// The columns of a message row, in [`MessageRow`]'s order.
-macro_rules! message_columns {
+/// The columns an update returns: a message row without its body (up to the message size
+/// limit, which no answer or written mark needs to copy back out).
+macro_rules! updated_columns {
     () => {
-        "seq, id, client_id, connection_id, direction, message_type, body, track, state, \
+        "seq, id, client_id, connection_id, direction, message_type, '' AS body, track, state, \
          created, written, acked, replied, ended, expires, reply, reason, idempotency_key, size"
     };
 }
-pub(crate) use message_columns;
+pub(crate) use updated_columns;
 
 /// Defines `$store::message_path(pool, deadline)`, which starts the batch writers of message
 /// records on `pool` (for database `$db`; `$numbered` as for
@@ -141,7 +142,7 @@ macro_rules! sql_message_path {
                          written = v.column3 FROM (VALUES {}) AS v \
                          WHERE messages.id = v.column1 \
                          AND messages.state IN ('queued', 'written') RETURNING ",
-                        $crate::store::message_path::message_columns!()
+                        $crate::store::message_path::updated_columns!()
                     ),
                     values_list(reqs.len(), 3, $numbered)
                 );
@@ -184,7 +185,7 @@ macro_rules! sql_message_path {
                          AND (messages.state IN ('queued', 'written') \
                               OR (v.column3 = 'reply' AND messages.state = 'acked')) \
                          RETURNING ",
-                        $crate::store::message_path::message_columns!()
+                        $crate::store::message_path::updated_columns!()
                     ),
                     values_list(reqs.len(), 6, $numbered)
                 );

@@ -134,7 +134,7 @@ pub enum Answer<'a> {
 /// What a device's answer did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Settled {
-    /// The message moved to the answer's state: the updated row.
+    /// The message moved to the answer's state: the updated row (without its body).
     Updated(Box<MessageRow>),
     /// The message is this client's but already past what the answer would set (a duplicate
     /// answer, or one to an expired message): nothing changed.
@@ -178,8 +178,8 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Whether any outgoing message waits for delivery or an answer (anywhere).
     async fn any_pending_messages(&self) -> Result<bool>;
     /// Marks message `id` written to `connection_id` (from `queued`, or from `written` on
-    /// another connection): the updated row, or `None` if it had moved on (answered, expired,
-    /// failed).
+    /// another connection): the updated row (without its body), or `None` if it had moved on
+    /// (answered, expired, failed).
     async fn mark_written(
         &self,
         id: &str,
