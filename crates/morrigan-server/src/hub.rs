@@ -46,7 +46,7 @@ pub struct Liveness {
     pub alive: AtomicBool,
     /// Queued for the next flush.
     pub dirty: AtomicBool,
-    /// The connection's client, once its session started: lets a tracked send to a
+    /// The connection's client, set by its session when it starts: lets a tracked send to a
     /// connection held here skip reading its record.
     pub client: std::sync::OnceLock<Arc<str>>,
 }
@@ -284,9 +284,6 @@ impl Hub {
     /// (which the caller supersedes). Of racing promotions for one client, each replaces
     /// exactly the one before it, so exactly one stays the newest.
     pub fn promote(&self, id: &Arc<str>, client_id: &Arc<str>) -> Option<Arc<str>> {
-        if let Some(h) = self.conns.get(id) {
-            let _ = h.liveness.client.set(client_id.clone());
-        }
         self.newest.insert(client_id.clone(), id.clone())
     }
 

@@ -14,7 +14,7 @@ mod harness;
 use std::path::Path;
 use std::sync::Arc;
 
-use cli_support::{Agent, Cli, Server, eventually, signal, wait_exit};
+use cli_support::{Agent, Cli, Server, eventually, provisioned, signal, wait_exit};
 use morrigan_client::peek_claims;
 use morrigan_server::providers::{HandlerError, MessageContext, Provider};
 use serde_json::{Value, json};
@@ -36,21 +36,6 @@ async fn open_connection(cli: &Cli, client: &str, not: Option<&str>) -> Option<V
 
 async fn client_record(cli: &Cli, client: &str) -> Value {
     cli.json(&["client", "show", client]).await
-}
-
-/// Logs in and provisions `client`, its identity token in `<dir>/<client>.token`.
-async fn provisioned(cli: &Cli, dir: &Path, client: &str) -> std::path::PathBuf {
-    cli.login().await;
-    let file = dir.join(format!("{client}.token"));
-    cli.ok(&[
-        "client",
-        "provision",
-        client,
-        "--out",
-        file.to_str().unwrap(),
-    ])
-    .await;
-    file
 }
 
 #[tokio::test]

@@ -9,26 +9,12 @@ mod harness;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use cli_support::{Agent, Cli, Server, eventually, signal, wait_exit};
+use cli_support::{Agent, Cli, Server, eventually, provisioned, signal, wait_exit};
 use morrigan_client::{Client, Event, Handle, Sender};
 use serde_json::{Value, json};
 
 /// Exit code of a send whose answer timed out.
 const EXIT_TIMEOUT: i32 = 4;
-
-/// Logs in (once per `cli`) and provisions `client`; its identity token file.
-async fn provisioned(cli: &Cli, dir: &Path, client: &str) -> PathBuf {
-    let file = dir.join(format!("{client}.token"));
-    cli.ok(&[
-        "client",
-        "provision",
-        client,
-        "--out",
-        file.to_str().unwrap(),
-    ])
-    .await;
-    file
-}
 
 /// The open, accepted connection of `client`, if any.
 async fn open_connection(cli: &Cli, client: &str) -> Option<String> {

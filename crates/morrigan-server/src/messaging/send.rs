@@ -160,9 +160,9 @@ pub async fn to_connection(
             None,
         ))
         .await?;
-    let slot = s.tracker.signals().register(&id);
+    let slot = s.tracker.signals().wait_for(&id);
     let result = write(s, &row, connection_id, track, body, true).await;
-    let outcome = match result {
+    match result {
         Ok(()) => {
             let unmarked = Some(connection_id.to_string());
             wait(s, &slot, &row, track, deadline, unmarked).await
@@ -171,9 +171,7 @@ pub async fn to_connection(
             fail(s, &id, &e.to_string()).await;
             Err(e)
         }
-    };
-    s.tracker.signals().release(&id, slot);
-    outcome
+    }
 }
 
 /// Sends `body` to client `client_id`: written to its live connection (on whichever node), else
@@ -237,19 +235,14 @@ pub async fn to_client(
         // A retry racing the first request: the first one delivers.
         return answer_for(s, &row, opts.track, deadline).await;
     }
-    let slot = s.tracker.signals().register(&row.id);
-    let result = async {
-        // Only a send that waits for an answer defers the `written` mark (see `MARK_AFTER`).
-        let defer = deadline.is_some() && opts.track != Track::None;
-        let unmarked = deliver(s, &row, live, opts, body, defer).await?;
-        match deadline {
-            Some(deadline) => wait(s, &slot, &row, opts.track, deadline, unmarked).await,
-            None => current(s, &row, opts.track).await,
-        }
+    let slot = s.tracker.signals().wait_for(&row.id);
+    // Only a send that waits for an answer defers the `written` mark (see `MARK_AFTER`).
+    let defer = deadline.is_some() && opts.track != Track::None;
+    let unmarked = deliver(s, &row, live, opts, body, defer).await?;
+    match deadline {
+        Some(deadline) => wait(s, &slot, &row, opts.track, deadline, unmarked).await,
+        None => current(s, &row, opts.track).await,
     }
-    .await;
-    s.tracker.signals().release(&row.id, slot);
-    result
 }
 
 /// The answer about an existing message: its state now, or after waiting until `deadline`.
@@ -262,10 +255,8 @@ async fn answer_for(
     let Some(deadline) = deadline else {
         return current(s, row, track).await;
     };
-    let slot = s.tracker.signals().register(&row.id);
-    let outcome = wait(s, &slot, row, track, deadline, None).await;
-    s.tracker.signals().release(&row.id, slot);
-    outcome
+    let slot = s.tracker.signals().wait_for(&row.id);
+    wait(s, &slot, row, track, deadline, None).await
 }
 
 /// The first delivery of a new client message: to `live` if there is one, else (or if that
@@ -294,10 +285,8 @@ async fn deliver(
     s.tracker.signals().open_gate();
     s.tracker.changed(row);
     if let Some(conn) = live_connection(s, &row.client_id).await? {
-        let frame = frame(row, opts.track, body);
-        if delivery::send(s, &conn, frame).await.is_ok() {
-            s.tracker.written(&row.id, &conn).await;
-        }
+        // Still queued if this fails: the connection's next outbox read delivers it.
+        let _ = write(s, row, &conn, opts.track, body, false).await;
     }
     Ok(None)
 }

@@ -61,15 +61,42 @@ pub struct Signals {
     generation: AtomicU64,
 }
 
-impl Signals {
-    pub(super) fn register(&self, id: &str) -> Arc<Slot> {
-        self.slots.entry(id.to_string()).or_default().clone()
-    }
+/// One operator's wait on a message: its slot, released when the wait ends, however it ends
+/// (the slot goes with its last waiter).
+pub(super) struct Waiter<'a> {
+    signals: &'a Signals,
+    id: &'a str,
+    slot: Arc<Slot>,
+}
 
-    /// Drops `id`'s slot once its last waiter is done (the map's reference and `slot`).
-    pub(super) fn release(&self, id: &str, slot: Arc<Slot>) {
-        drop(slot);
-        self.slots.remove_if(id, |_, s| Arc::strong_count(s) <= 1);
+impl std::ops::Deref for Waiter<'_> {
+    type Target = Slot;
+    fn deref(&self) -> &Slot {
+        &self.slot
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        // Let go of this waiter's reference first, so that of two last waiters ending at once
+        // at least one sees only the map's.
+        drop(std::mem::take(&mut self.slot));
+        self.signals
+            .slots
+            .remove_if(self.id, |_, s| Arc::strong_count(s) <= 1);
+    }
+}
+
+impl Signals {
+    /// Starts waiting for message `id`'s changes (before its frame leaves, so that no answer
+    /// can come first).
+    pub(super) fn wait_for<'a>(&'a self, id: &'a str) -> Waiter<'a> {
+        let slot = self.slots.entry(id.to_string()).or_default().clone();
+        Waiter {
+            signals: self,
+            id,
+            slot,
+        }
     }
 
     /// Tells `id`'s waiters (if any) its new state. A final state is never replaced by an
@@ -152,7 +179,7 @@ mod tests {
     #[test]
     fn a_late_earlier_state_does_not_replace_a_final_one() {
         let signals = Signals::default();
-        let slot = signals.register("m");
+        let slot = signals.wait_for("m");
         let update = |state| Update {
             state,
             reply: None,
@@ -161,7 +188,7 @@ mod tests {
         signals.update("m", update(MessageState::Acked));
         signals.update("m", update(MessageState::Written));
         assert_eq!(slot.latest().map(|u| u.state), Some(MessageState::Acked));
-        signals.release("m", slot);
+        drop(slot);
         assert!(signals.slots.is_empty());
     }
 

@@ -143,7 +143,7 @@ pub(super) fn is_answer(text: &str) -> bool {
     use morrigan_protocol::messages::types;
     [types::ACK, types::REPLY, types::NACK]
         .iter()
-        .any(|t| text.contains(&format!("\"{t}\"")))
+        .any(|t| text.contains(t))
 }
 
 pub(super) fn error_frame(

@@ -103,6 +103,7 @@ async fn run_inner<S>(
         control,
     } = handle;
     let client_id: Arc<str> = Arc::from(record.client_id.as_str());
+    let _ = liveness.client.set(client_id.clone());
     let replaced = state.hub.promote(&id, &client_id);
     tracing::info!(address = ?record.client_address, "connected");
     let mut wire = Wire::new(socket, state.config.effective_write_timeout());

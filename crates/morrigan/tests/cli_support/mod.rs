@@ -320,3 +320,18 @@ impl Agent {
             .collect()
     }
 }
+
+/// Logs in and provisions `client`, its identity token in `<dir>/<client>.token`.
+pub async fn provisioned(cli: &Cli, dir: &Path, client: &str) -> std::path::PathBuf {
+    cli.login().await;
+    let file = dir.join(format!("{client}.token"));
+    cli.ok(&[
+        "client",
+        "provision",
+        client,
+        "--out",
+        file.to_str().unwrap(),
+    ])
+    .await;
+    file
+}
