@@ -11,7 +11,6 @@
 mod cli_support;
 mod harness;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use cli_support::{Agent, Cli, Server, eventually, provisioned, signal, wait_exit};

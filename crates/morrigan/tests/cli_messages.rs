@@ -6,7 +6,7 @@
 mod cli_support;
 mod harness;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 use cli_support::{Agent, Cli, Server, eventually, provisioned, signal, wait_exit};
