@@ -313,11 +313,12 @@ pub async fn hold(mut ws: Ws, obs: Arc<Observed>, stop: CancellationToken) {
             m = ws.next() => match m {
                 Some(Ok(Message::Text(t))) => {
                     let now = now_ns();
-                    if let Some(sent) = frame_time(&t) {
+                    let frame = BenchFrame::read(&t);
+                    if let Some(sent) = frame.as_ref().and_then(BenchFrame::sent) {
                         obs.e2e.lock().unwrap().record_us(now.saturating_sub(sent) / 1000);
                         obs.received.fetch_add(1, Ordering::Relaxed);
                     }
-                    if let Some(answer) = answer(&t)
+                    if let Some(answer) = frame.as_ref().and_then(BenchFrame::answer)
                         && ws.send(Message::Text(answer.into())).await.is_err()
                     {
                         break Some("drop-answer".into());
@@ -341,28 +342,51 @@ pub async fn hold(mut ws: Ws, obs: Arc<Observed>, stop: CancellationToken) {
     }
 }
 
-/// The answer a device gives a tracked frame: a reply to `bench.call`, an ack to anything
-/// else; `None` for an untracked frame.
-pub fn answer(text: &str) -> Option<String> {
-    if !text.contains(r#""messageId":""#) {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_str(text).ok()?;
-    let id = v["messageId"].as_str()?;
-    let answer = if v["type"] == "bench.call" {
-        serde_json::json!({"type": "connection.reply", "messageId": id, "payload": {"seq": v["seq"]}})
-    } else {
-        serde_json::json!({"type": "connection.ack", "messageId": id})
-    };
-    Some(answer.to_string())
+/// What a held socket reads of a frame the benchmark sent: one parse for both the end-to-end
+/// time and the answer (the simulated devices share the machine with the server, so their
+/// work is kept small).
+#[derive(Deserialize)]
+pub struct BenchFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    /// When the frame was sent (ns since the epoch): `bench.ping` and `bench.call` carry it.
+    t: Option<u64>,
+    seq: Option<u64>,
+    #[serde(rename = "messageId", borrow)]
+    message_id: Option<std::borrow::Cow<'a, str>>,
 }
 
-fn frame_time(text: &str) -> Option<u64> {
-    if !text.contains("bench.ping") && !text.contains("bench.call") {
-        return None;
+impl<'a> BenchFrame<'a> {
+    /// `None` for a frame that is neither a benchmark frame nor tracked.
+    pub fn read(text: &'a str) -> Option<Self> {
+        if !text.contains("bench.") && !text.contains(r#""messageId":""#) {
+            return None;
+        }
+        serde_json::from_str(text).ok()
     }
-    let v: serde_json::Value = serde_json::from_str(text).ok()?;
-    v["t"].as_u64()
+
+    fn sent(&self) -> Option<u64> {
+        matches!(&*self.kind, "bench.ping" | "bench.call")
+            .then_some(self.t)
+            .flatten()
+    }
+
+    /// The answer a device gives a tracked frame: a reply to `bench.call`, an ack to anything
+    /// else; `None` for an untracked frame.
+    pub fn answer(&self) -> Option<String> {
+        let id = self.message_id.as_deref()?;
+        let answer = if self.kind == "bench.call" {
+            serde_json::json!({"type": "connection.reply", "messageId": id, "payload": {"seq": self.seq}})
+        } else {
+            serde_json::json!({"type": "connection.ack", "messageId": id})
+        };
+        Some(answer.to_string())
+    }
+}
+
+/// The answer a device gives a tracked frame (see [`BenchFrame::answer`]).
+pub fn answer(text: &str) -> Option<String> {
+    BenchFrame::read(text)?.answer()
 }
 
 /// Result of a connect phase.
