@@ -492,3 +492,94 @@ async fn the_write_ahead_log_is_checkpointed_beside_the_writer() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// A tracked message's writes: the record, the device's answer queued before the record's
+/// commit was waited for (what a send to a socket held by this node does), a repeated answer,
+/// a foreign id, and the written mark of a message already answered.
+async fn message_writes(store: Arc<dyn Store>) {
+    use morrigan_protocol::messages::{Direction, MessageState, Track};
+    use morrigan_server::store::messages::{Answer, NewMessage, Settled};
+    let now = morrigan_protocol::time_format::now();
+    store.upsert_client("m-client", &now).await.expect("client");
+    let mut answered = Vec::new();
+    for i in 0..20 {
+        let id = format!("m-{i:02}");
+        let m = NewMessage {
+            id: &id,
+            client_id: "m-client",
+            connection_id: Some("m-conn"),
+            direction: Direction::Out,
+            message_type: "test.ping",
+            body: r#"{"type":"test.ping"}"#,
+            track: Track::Ack,
+            state: MessageState::Queued,
+            created: &now,
+            expires: None,
+            idempotency_key: None,
+        };
+        let committed = store.queue_message(&m).await.expect("queued");
+        // Answered while the insert may not be committed yet: it is applied after the insert.
+        let settled = tokio::spawn({
+            let (store, id, now) = (store.clone(), id.clone(), now.clone());
+            async move {
+                store
+                    .settle_message(&id, "m-client", Answer::Ack, &now)
+                    .await
+            }
+        });
+        answered.push((id, committed, settled));
+    }
+    for (id, committed, settled) in answered {
+        assert!(committed.wait().await.expect("committed"), "{id} inserted");
+        match settled.await.expect("joined").expect("settled") {
+            Settled::Updated(row) => assert_eq!(row.state, "acked", "{id}"),
+            other => panic!("{id}: {other:?}"),
+        }
+        let row = store.message(&id).await.expect("read").expect("recorded");
+        assert_eq!(row.state, "acked");
+        assert_eq!(row.acked.as_deref(), Some(now.as_str()));
+    }
+    let again = store
+        .settle_message("m-00", "m-client", Answer::Ack, &now)
+        .await
+        .expect("again");
+    assert_eq!(again, Settled::Unchanged);
+    let foreign = store
+        .settle_message("m-00", "other-client", Answer::Ack, &now)
+        .await
+        .expect("foreign");
+    assert_eq!(foreign, Settled::Unknown);
+    // Answered already: the written mark changes nothing.
+    let marked = store
+        .mark_written("m-01", "m-conn", &now)
+        .await
+        .expect("mark");
+    assert_eq!(marked, None);
+}
+
+#[tokio::test]
+async fn message_writes_on_sqlite_files_and_in_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = SqliteStore::open(&dir.path().join("m.db"))
+        .await
+        .expect("sqlite");
+    message_writes(Arc::new(file)).await;
+    let memory = SqliteStore::connect("sqlite::memory:")
+        .await
+        .expect("sqlite");
+    message_writes(Arc::new(memory)).await;
+}
+
+#[tokio::test]
+async fn message_writes_on_postgres() {
+    let Some(base) = common::service_url("MORRIGAN_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let database = common::pg::Database::create(&base, "store_messages").await;
+    {
+        let store = PgStore::connect(&database.url).await.expect("postgres");
+        message_writes(Arc::new(store.clone())).await;
+        store.pool().close().await;
+    }
+    database.drop_now().await;
+}

@@ -134,6 +134,10 @@ impl Tracker {
     /// Tells this node's waiters and the cluster (a `message` event) that `row` changed.
     pub(crate) fn changed(&self, row: &MessageRow) {
         let Ok(state) = row.state() else { return };
+        // As every node does for the event (this node skips its own, see `Signals::event`).
+        if matches!(state, MessageState::Queued | MessageState::Written) {
+            self.signals.open_gate();
+        }
         let reply: Option<Value> = row
             .reply
             .as_deref()
@@ -234,7 +238,7 @@ impl Tracker {
         }
         let provider = message_type.split('.').next().unwrap_or("");
         self.metrics.message_in(provider);
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = message_id();
         let now = time_format::now();
         let text = body.to_string();
         let m = NewMessage {
@@ -369,6 +373,14 @@ impl Tracker {
         }
         Ok(())
     }
+}
+
+/// A new message id: a UUID of version 7, whose leading bits are its creation time, so a
+/// record's key lands beside the last one in every B-tree that holds it (a random v4 id put each
+/// insert on a page of its own, read back and rewritten at the commit); its 74 random bits keep
+/// ids unguessable.
+pub(crate) fn message_id() -> String {
+    uuid::Uuid::now_v7().to_string()
 }
 
 /// Whether `text` (a frame on its way to a device) carries a message id: tracked frames end

@@ -16,7 +16,7 @@ use super::waiters::{POLL, Update};
 use crate::delivery::{self, DeliveryError};
 use crate::state::AppState;
 use crate::store::StoreError;
-use crate::store::messages::{MessageRow, NewMessage};
+use crate::store::messages::{Committed, MessageRow, NewMessage};
 
 /// Longest wait for an answer.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(300);
@@ -128,7 +128,8 @@ pub async fn to_connection(
 ) -> Result<Outcome, SendError> {
     let deadline = tokio::time::Instant::now() + timeout;
     // A connection whose session runs here is live: no need to read its record.
-    let client_id = match s.hub.client_of(connection_id) {
+    let local = s.hub.client_of(connection_id);
+    let client_id = match &local {
         Some(client) => client.to_string(),
         None => {
             let record = s
@@ -145,23 +146,35 @@ pub async fn to_connection(
             record.client_id
         }
     };
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = super::message_id();
     let now = time_format::now();
-    let (row, _) = s
-        .store
-        .insert_message(&new_message(
-            &id,
-            &client_id,
-            Some(connection_id),
-            body,
-            track,
-            &now,
-            None,
-            None,
-        ))
-        .await?;
+    let m = new_message(
+        &id,
+        &client_id,
+        Some(connection_id),
+        body,
+        track,
+        &now,
+        None,
+        None,
+    );
+    let row = m.row();
     let slot = s.tracker.signals().wait_for(&id);
+    // The device's answer must find the record. Through a session of this node it is recorded
+    // by this node's store, after every write queued before it: the frame may leave as soon as
+    // the insert is queued, and its commit overlaps the device's round trip. Through another
+    // node, the record is committed first.
+    let committed = if local.is_some() {
+        s.store.queue_message(&m).await?
+    } else {
+        let (_, inserted) = s.store.insert_message(&m).await?;
+        Committed::ready(inserted)
+    };
     let result = write(s, &row, connection_id, track, body, true).await;
+    // Nothing is answered, and no failure recorded, before the record is durable.
+    if !committed.wait().await? {
+        return Err(StoreError::Conflict(format!("message {id} exists")).into());
+    }
     match result {
         Ok(()) => {
             let unmarked = Some(connection_id.to_string());
@@ -214,7 +227,7 @@ pub async fn to_client(
             )));
         }
     }
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = super::message_id();
     let now = time::OffsetDateTime::now_utc();
     let expires = opts.ttl.map(|ttl| time_format::format(now + ttl));
     let now = time_format::format(now);

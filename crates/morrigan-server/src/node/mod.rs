@@ -160,7 +160,7 @@ impl ServerBuilder {
         let lease = Arc::new(Lease::new(networked));
         lease.renewed(registered_at, config.node_lease);
         let events = Arc::new(crate::events::EventFanout::default());
-        let signals = Arc::new(crate::messaging::Signals::default());
+        let signals = Arc::new(crate::messaging::Signals::new(&node_id));
         let commands: Arc<dyn CommandHandler> = Arc::new(handler::BusHandler {
             hub: hub.clone(),
             lease: lease.clone(),

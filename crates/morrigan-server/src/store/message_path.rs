@@ -1,11 +1,17 @@
-//! The batched writes of a tracked message's life: its record, its write to a socket and the
-//! device's answer, each one multi-row statement per batch of concurrent callers (see
-//! [`super::batch`]), as the connection hot path does. A tracked send costs three writes; one
-//! by one they were three round trips to the database each (an acked send took 600 µs of a
-//! node's CPU), batched the round trip is shared by every send in flight.
+//! The writes of a tracked message's life: its record, its write to a socket and the
+//! device's answer. A tracked send costs up to three; one by one through sqlx they were three
+//! round trips to the database each (an acked send took 600 µs of a node's CPU), so they are
+//! shared by every send in flight, in one of two ways:
+//!
+//! * [`MessagePath::Batched`]: one multi-row statement per batch of concurrent callers (see
+//!   [`super::batch`]), as the connection hot path does (PostgreSQL, and SQLite in memory);
+//! * [`MessagePath::Ordered`]: SQLite's writer thread ([`super::sqlite_writer`]), one prepared
+//!   statement per write and one commit per round, applied in the order they were queued.
 
 use super::batch::Batcher;
-use super::messages::MessageRow;
+use super::messages::{Committed, MessageRow, NewMessage};
+use super::sqlite_writer::Writer;
+use super::{Result, sqlite_messages};
 
 /// A message record to insert (no idempotency key: keyed sends take the single path, which
 /// reads the earlier message back).
@@ -20,6 +26,23 @@ pub(crate) struct InsertRequest {
     pub state: &'static str,
     pub created: String,
     pub expires: Option<String>,
+}
+
+impl From<&NewMessage<'_>> for InsertRequest {
+    fn from(m: &NewMessage<'_>) -> Self {
+        Self {
+            id: m.id.to_string(),
+            client_id: m.client_id.to_string(),
+            connection_id: m.connection_id.map(str::to_string),
+            direction: m.direction.as_str(),
+            message_type: m.message_type.to_string(),
+            body: m.body.to_string(),
+            track: m.track.as_str(),
+            state: m.state.as_str(),
+            created: m.created.to_string(),
+            expires: m.expires.map(str::to_string),
+        }
+    }
 }
 
 /// Message `id` written to `connection_id` at `at`.
@@ -39,12 +62,54 @@ pub(crate) struct SettleRequest {
     pub reason: Option<String>,
 }
 
-/// The batch writers of a store's message records.
+/// Where a store's message writes go.
 #[derive(Clone)]
-pub(crate) struct MessagePath {
-    pub insert: Batcher<InsertRequest, bool>,
-    pub written: Batcher<WrittenRequest, Option<MessageRow>>,
-    pub settle: Batcher<SettleRequest, Option<MessageRow>>,
+pub(crate) enum MessagePath {
+    /// Batch writers, each one multi-row statement per batch.
+    Batched {
+        insert: Batcher<InsertRequest, bool>,
+        written: Batcher<WrittenRequest, Option<MessageRow>>,
+        settle: Batcher<SettleRequest, Option<MessageRow>>,
+    },
+    /// SQLite's writer thread: every write queued after another is applied after it.
+    Ordered(Writer),
+}
+
+impl MessagePath {
+    /// Inserts a record: `false` if its id exists.
+    pub(crate) async fn insert(&self, r: InsertRequest) -> Result<bool> {
+        self.queue_insert(r).await?.wait().await
+    }
+
+    /// Queues a record's insert and returns once it is queued: on the writer thread, every
+    /// message write queued after this returns is applied after it (so the device's answer to a
+    /// frame written now finds the record); batched, the insert is done first.
+    pub(crate) async fn queue_insert(&self, r: InsertRequest) -> Result<Committed> {
+        match self {
+            Self::Batched { insert, .. } => Ok(Committed::ready(insert.call(r).await?)),
+            Self::Ordered(w) => {
+                let done = w.queue(move |c| sqlite_messages::insert(c, &r)).await?;
+                Ok(Committed::new(done))
+            }
+        }
+    }
+
+    /// Marks a message written (from `queued`, or `written` on another connection): the row,
+    /// or `None` if it had moved on.
+    pub(crate) async fn written(&self, r: WrittenRequest) -> Result<Option<MessageRow>> {
+        match self {
+            Self::Batched { written, .. } => written.call(r).await,
+            Self::Ordered(w) => w.call(move |c| sqlite_messages::written(c, &r)).await,
+        }
+    }
+
+    /// Records a device's answer if its message still waits for it: the row, or `None`.
+    pub(crate) async fn settle(&self, r: SettleRequest) -> Result<Option<MessageRow>> {
+        match self {
+            Self::Batched { settle, .. } => settle.call(r).await,
+            Self::Ordered(w) => w.call(move |c| sqlite_messages::settle(c, &r)).await,
+        }
+    }
 }
 
 /// The columns an update returns: a message row without its body (up to the message size
@@ -93,7 +158,7 @@ macro_rules! sql_message_path {
                     let settle = Batcher::spawn(BATCH_ROWS, deadline, move |reqs| {
                         Box::pin(settle_batch(p.clone(), reqs))
                     });
-                    MessagePath {
+                    MessagePath::Batched {
                         insert,
                         written,
                         settle,

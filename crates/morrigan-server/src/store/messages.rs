@@ -121,6 +121,28 @@ impl NewMessage<'_> {
     }
 }
 
+/// A message insert queued in its store's write order (see [`MessageStore::queue_message`]).
+pub struct Committed(std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool>> + Send>>);
+
+impl Committed {
+    /// An insert already done.
+    pub(crate) fn ready(inserted: bool) -> Self {
+        Self(Box::pin(std::future::ready(Ok(inserted))))
+    }
+
+    /// An insert done when `done` answers.
+    pub(crate) fn new(
+        done: impl std::future::Future<Output = Result<bool>> + Send + 'static,
+    ) -> Self {
+        Self(Box::pin(done))
+    }
+
+    /// Whether the message was inserted, once it is durable (bounded by the store deadline).
+    pub async fn wait(self) -> Result<bool> {
+        self.0.await
+    }
+}
+
 /// A device's answer to a tracked message.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Answer<'a> {
@@ -157,6 +179,13 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Inserts `m`; when this client already used `m.idempotency_key`, inserts nothing and
     /// returns the earlier message with `false`.
     async fn insert_message(&self, m: &NewMessage<'_>) -> Result<(MessageRow, bool)>;
+    /// Queues the insert of `m` in this store's write order and returns once it is queued;
+    /// [`Committed::wait`] then says, once it is durable, whether it was inserted (`false`:
+    /// its id or idempotency key exists). Where the backend orders its writes (SQLite's writer
+    /// thread), every message write this node queues afterwards (a written mark, the device's
+    /// answer) is applied after it, so a frame may leave before the commit; elsewhere the
+    /// insert is done before this returns.
+    async fn queue_message(&self, m: &NewMessage<'_>) -> Result<Committed>;
     /// Inserts an uplink message and keeps only the client's newest `keep` uplink messages.
     async fn insert_uplink(&self, m: &NewMessage<'_>, keep: u32) -> Result<()>;
     async fn message(&self, id: &str) -> Result<Option<MessageRow>>;
@@ -218,7 +247,7 @@ macro_rules! sql_messages {
         const _: () = {
             use morrigan_protocol::messages::{Direction, MessageState};
             use $crate::store::messages::{
-                Answer, MessageFilter, MessageRow, MessageStore, NewMessage, Settled,
+                Answer, Committed, MessageFilter, MessageRow, MessageStore, NewMessage, Settled,
             };
             use $crate::store::message_path::{InsertRequest, SettleRequest, WrittenRequest};
             use $crate::store::sql::db;
@@ -242,22 +271,7 @@ macro_rules! sql_messages {
                 async fn insert_message(&self, m: &NewMessage<'_>) -> Result<(MessageRow, bool)> {
                     if m.idempotency_key.is_none() {
                         // The common case: batched with concurrent sends.
-                        let inserted = self
-                            .messages
-                            .insert
-                            .call(InsertRequest {
-                                id: m.id.to_string(),
-                                client_id: m.client_id.to_string(),
-                                connection_id: m.connection_id.map(str::to_string),
-                                direction: m.direction.as_str(),
-                                message_type: m.message_type.to_string(),
-                                body: m.body.to_string(),
-                                track: m.track.as_str(),
-                                state: m.state.as_str(),
-                                created: m.created.to_string(),
-                                expires: m.expires.map(str::to_string),
-                            })
-                            .await?;
+                        let inserted = self.messages.insert(InsertRequest::from(m)).await?;
                         if !inserted {
                             return Err($crate::store::StoreError::Conflict(format!(
                                 "message {} exists",
@@ -300,6 +314,14 @@ macro_rules! sql_messages {
                     .await
                     .map_err(db)?;
                     Ok((earlier, false))
+                }
+
+                async fn queue_message(&self, m: &NewMessage<'_>) -> Result<Committed> {
+                    if m.idempotency_key.is_some() {
+                        let (_, inserted) = self.insert_message(m).await?;
+                        return Ok(Committed::ready(inserted));
+                    }
+                    self.messages.queue_insert(InsertRequest::from(m)).await
                 }
 
                 async fn insert_uplink(&self, m: &NewMessage<'_>, keep: u32) -> Result<()> {
@@ -421,8 +443,7 @@ macro_rules! sql_messages {
                     at: &str,
                 ) -> Result<Option<MessageRow>> {
                     self.messages
-                        .written
-                        .call(WrittenRequest {
+                        .written(WrittenRequest {
                             id: id.to_string(),
                             connection_id: connection_id.to_string(),
                             at: at.to_string(),
@@ -444,8 +465,7 @@ macro_rules! sql_messages {
                     };
                     let updated = self
                         .messages
-                        .settle
-                        .call(SettleRequest {
+                        .settle(SettleRequest {
                             id: id.to_string(),
                             client_id: client_id.to_string(),
                             kind,

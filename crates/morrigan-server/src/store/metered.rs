@@ -12,7 +12,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use morrigan_protocol::records::{ClientCapabilities, ClientRecord, ConnectionRecord};
 
-use super::messages::{Answer, MessageFilter, MessageRow, NewMessage, Settled};
+use super::messages::{Answer, Committed, MessageFilter, MessageRow, NewMessage, Settled};
 use super::*;
 use crate::metrics::Metrics;
 
@@ -121,6 +121,7 @@ metered!(ConnectionStore {
 
 metered!(MessageStore {
     fn insert_message(m: &NewMessage<'_>) -> (MessageRow, bool);
+    fn queue_message(m: &NewMessage<'_>) -> Committed;
     fn insert_uplink(m: &NewMessage<'_>, keep: u32) -> ();
     fn message(id: &str) -> Option<MessageRow>;
     fn message_by_key(client_id: &str, key: &str) -> Option<MessageRow>;

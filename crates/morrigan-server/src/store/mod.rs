@@ -28,6 +28,8 @@ mod payloads;
 pub mod postgres;
 pub(crate) mod sql;
 pub mod sqlite;
+mod sqlite_messages;
+mod sqlite_writer;
 mod tokens;
 
 pub use clients::ClientStore;

@@ -44,7 +44,8 @@ pub struct SqliteStore {
     /// [`SqliteStore::with_options`].
     writer: SqlitePool,
     hot: super::hot_path::HotPath,
-    /// Message records' batched writes, on the writer too.
+    /// Message records' batched writes: on the writer thread ([`super::sqlite_writer`]) for a
+    /// database file, on `writer` for one in memory (which no second connection can open).
     messages: super::message_path::MessagePath,
 }
 
@@ -94,6 +95,7 @@ impl SqliteStore {
             // No commit runs a checkpoint (and its fsync) inline: `checkpoints` does, beside
             // the writer (see below).
             .pragma("wal_autocheckpoint", "0");
+        let path = options.get_filename().to_path_buf();
         if max > 1 {
             // Create the file, switch it to WAL and migrate it on one connection, before any
             // other opens: sqlx opens a pool's first connections concurrently, each checked
@@ -130,7 +132,12 @@ impl SqliteStore {
             tokio::spawn(checkpoints(pool.clone()));
         }
         let hot = Self::hot_path(&writer, deadline);
-        let messages = Self::message_path(&writer, deadline);
+        let messages = if max == 1 {
+            Self::message_path(&writer, deadline)
+        } else {
+            let thread = super::sqlite_writer::Writer::spawn(&path, deadline)?;
+            super::message_path::MessagePath::Ordered(thread)
+        };
         Ok(Self {
             pool,
             writer,
