@@ -9,58 +9,9 @@
 //!   statement per write and one commit per round, applied in the order they were queued.
 
 use super::batch::Batcher;
-use super::messages::{Committed, MessageRow, NewMessage};
+use super::messages::{Committed, InsertRequest, MessageRow, SettleRequest, WrittenRequest};
 use super::sqlite_writer::Writer;
 use super::{Result, sqlite_messages};
-
-/// A message record to insert (no idempotency key: keyed sends take the single path, which
-/// reads the earlier message back).
-pub(crate) struct InsertRequest {
-    pub id: String,
-    pub client_id: String,
-    pub connection_id: Option<String>,
-    pub direction: &'static str,
-    pub message_type: String,
-    pub body: String,
-    pub track: &'static str,
-    pub state: &'static str,
-    pub created: String,
-    pub expires: Option<String>,
-}
-
-impl From<&NewMessage<'_>> for InsertRequest {
-    fn from(m: &NewMessage<'_>) -> Self {
-        Self {
-            id: m.id.to_string(),
-            client_id: m.client_id.to_string(),
-            connection_id: m.connection_id.map(str::to_string),
-            direction: m.direction.as_str(),
-            message_type: m.message_type.to_string(),
-            body: m.body.to_string(),
-            track: m.track.as_str(),
-            state: m.state.as_str(),
-            created: m.created.to_string(),
-            expires: m.expires.map(str::to_string),
-        }
-    }
-}
-
-/// Message `id` written to `connection_id` at `at`.
-pub(crate) struct WrittenRequest {
-    pub id: String,
-    pub connection_id: String,
-    pub at: String,
-}
-
-/// A device's answer: `kind` is `ack`, `reply` or `nack`.
-pub(crate) struct SettleRequest {
-    pub id: String,
-    pub client_id: String,
-    pub kind: &'static str,
-    pub at: String,
-    pub payload: Option<String>,
-    pub reason: Option<String>,
-}
 
 /// Where a store's message writes go.
 #[derive(Clone)]
@@ -112,16 +63,6 @@ impl MessagePath {
     }
 }
 
-/// The columns an update returns: a message row without its body (up to the message size
-/// limit, which no answer or written mark needs to copy back out).
-macro_rules! updated_columns {
-    () => {
-        "seq, id, client_id, connection_id, direction, message_type, '' AS body, track, state, \
-         created, written, acked, replied, ended, expires, reply, reason, idempotency_key, size"
-    };
-}
-pub(crate) use updated_columns;
-
 /// Defines `$store::message_path(pool, deadline)`, which starts the batch writers of message
 /// records on `pool` (for database `$db`; `$numbered` as for
 /// [`values_list`](super::batch::values_list)).
@@ -133,10 +74,8 @@ macro_rules! sql_message_path {
             use $crate::store::Result;
             use $crate::store::batch::{Batcher, values_list};
             use $crate::store::hot_path::{match_returned, returned_ids};
-            use $crate::store::message_path::{
-                InsertRequest, MessagePath, SettleRequest, WrittenRequest,
-            };
-            use $crate::store::messages::MessageRow;
+            use $crate::store::message_path::MessagePath;
+            use $crate::store::messages::{InsertRequest, MessageRow, SettleRequest, WrittenRequest};
             use $crate::store::sql::{BATCH_ROWS, db};
 
             impl $store {
@@ -207,7 +146,7 @@ macro_rules! sql_message_path {
                          written = v.column3 FROM (VALUES {}) AS v \
                          WHERE messages.id = v.column1 \
                          AND messages.state IN ('queued', 'written') RETURNING ",
-                        $crate::store::message_path::updated_columns!()
+                        $crate::store::messages::updated_columns!()
                     ),
                     values_list(reqs.len(), 3, $numbered)
                 );
@@ -250,7 +189,7 @@ macro_rules! sql_message_path {
                          AND (messages.state IN ('queued', 'written') \
                               OR (v.column3 = 'reply' AND messages.state = 'acked')) \
                          RETURNING ",
-                        $crate::store::message_path::updated_columns!()
+                        $crate::store::messages::updated_columns!()
                     ),
                     values_list(reqs.len(), 6, $numbered)
                 );

@@ -143,6 +143,65 @@ impl Committed {
     }
 }
 
+/// A message record to insert (no idempotency key: keyed sends take the single path, which
+/// reads the earlier message back).
+pub(crate) struct InsertRequest {
+    pub id: String,
+    pub client_id: String,
+    pub connection_id: Option<String>,
+    pub direction: &'static str,
+    pub message_type: String,
+    pub body: String,
+    pub track: &'static str,
+    pub state: &'static str,
+    pub created: String,
+    pub expires: Option<String>,
+}
+
+impl From<&NewMessage<'_>> for InsertRequest {
+    fn from(m: &NewMessage<'_>) -> Self {
+        Self {
+            id: m.id.to_string(),
+            client_id: m.client_id.to_string(),
+            connection_id: m.connection_id.map(str::to_string),
+            direction: m.direction.as_str(),
+            message_type: m.message_type.to_string(),
+            body: m.body.to_string(),
+            track: m.track.as_str(),
+            state: m.state.as_str(),
+            created: m.created.to_string(),
+            expires: m.expires.map(str::to_string),
+        }
+    }
+}
+
+/// Message `id` written to `connection_id` at `at`.
+pub(crate) struct WrittenRequest {
+    pub id: String,
+    pub connection_id: String,
+    pub at: String,
+}
+
+/// A device's answer: `kind` is `ack`, `reply` or `nack`.
+pub(crate) struct SettleRequest {
+    pub id: String,
+    pub client_id: String,
+    pub kind: &'static str,
+    pub at: String,
+    pub payload: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// The columns an update returns: a message row without its body (up to the message size
+/// limit, which no answer or written mark needs to copy back out).
+macro_rules! updated_columns {
+    () => {
+        "seq, id, client_id, connection_id, direction, message_type, '' AS body, track, state, \
+         created, written, acked, replied, ended, expires, reply, reason, idempotency_key, size"
+    };
+}
+pub(crate) use updated_columns;
+
 /// A device's answer to a tracked message.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Answer<'a> {
@@ -249,7 +308,7 @@ macro_rules! sql_messages {
             use $crate::store::messages::{
                 Answer, Committed, MessageFilter, MessageRow, MessageStore, NewMessage, Settled,
             };
-            use $crate::store::message_path::{InsertRequest, SettleRequest, WrittenRequest};
+            use $crate::store::messages::{InsertRequest, SettleRequest, WrittenRequest};
             use $crate::store::sql::db;
             use $crate::store::Result;
 

@@ -1,13 +1,12 @@
 //! The message writes on SQLite's writer thread ([`super::sqlite_writer`]), where a round's
 //! records, written marks and answers share one commit: one prepared statement per write,
-//! saying what the batched path's multi-row statements say for each of their rows (see
-//! [`super::message_path`]).
+//! saying what the batched path's multi-row statements (`super::message_path`) say for each of
+//! their rows.
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::Result;
-use super::message_path::{InsertRequest, SettleRequest, WrittenRequest};
-use super::messages::MessageRow;
+use super::messages::{InsertRequest, MessageRow, SettleRequest, WrittenRequest};
 use super::sqlite_writer::sqlite;
 
 /// Inserts a record: `false` if its id exists.
@@ -44,7 +43,7 @@ pub(crate) fn written(c: &Connection, r: &WrittenRequest) -> Result<Option<Messa
         .prepare_cached(concat!(
             "UPDATE messages SET state = 'written', connection_id = ?2, written = ?3 \
              WHERE id = ?1 AND state IN ('queued', 'written') RETURNING ",
-            super::message_path::updated_columns!()
+            super::messages::updated_columns!()
         ))
         .map_err(sqlite)?;
     stmt.query_row(params![r.id, r.connection_id, r.at], message_row)
@@ -69,7 +68,7 @@ pub(crate) fn settle(c: &Connection, r: &SettleRequest) -> Result<Option<Message
              WHERE id = ?1 AND client_id = ?2 AND direction = 'out' \
              AND (state IN ('queued', 'written') OR (?3 = 'reply' AND state = 'acked')) \
              RETURNING ",
-            super::message_path::updated_columns!()
+            super::messages::updated_columns!()
         ))
         .map_err(sqlite)?;
     stmt.query_row(
@@ -80,7 +79,7 @@ pub(crate) fn settle(c: &Connection, r: &SettleRequest) -> Result<Option<Message
     .map_err(sqlite)
 }
 
-/// A row of [`updated_columns!`](super::message_path::updated_columns), in its order.
+/// A row of [`updated_columns!`](super::messages::updated_columns), in its order.
 fn message_row(r: &Row<'_>) -> rusqlite::Result<MessageRow> {
     Ok(MessageRow {
         seq: r.get(0)?,
