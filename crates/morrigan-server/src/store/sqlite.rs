@@ -2,7 +2,8 @@
 //!
 //! SQLite serialises writers, so the pool is small, and the hot path's batched writes (token
 //! exchange, accept, close, the heartbeat flush) go through one connection of their own, whose
-//! page cache then stays warm.
+//! page cache then stays warm. Message writes go to a thread of their own on a database file
+//! (see [`super::sqlite_writer`]).
 //!
 //! Every connection is checked when it opens: SQLite silently opens a database it may not write
 //! (its files or directory made read-only) read-only, and such a connection would fail every
