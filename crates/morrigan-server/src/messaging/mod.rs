@@ -330,7 +330,7 @@ impl Tracker {
                     messages = rows.len(),
                     "unanswered messages back in the outbox"
                 );
-                self.signals.open_gate();
+                // Each change (`queued`) opens the gate.
                 for row in &rows {
                     self.changed(row);
                 }

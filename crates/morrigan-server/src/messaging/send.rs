@@ -293,9 +293,9 @@ async fn deliver(
             Err(e) => tracing::debug!(error = %e, "queued after a failed write"),
         }
     }
-    // Queued: every node's gate opens with the event; a connection accepted from now on
-    // reads it. One accepted before the insert did not: look again.
-    s.tracker.signals().open_gate();
+    // Queued: this node's gate opens with the change, every other node's with the event; a
+    // connection accepted from now on reads it. One accepted before the insert did not: look
+    // again.
     s.tracker.changed(row);
     if let Some(conn) = live_connection(s, &row.client_id).await? {
         // Still queued if this fails: the connection's next outbox read delivers it.
