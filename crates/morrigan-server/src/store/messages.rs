@@ -364,14 +364,12 @@ macro_rules! sql_messages {
                     if let Some(row) = inserted {
                         return Ok((row, true));
                     }
-                    let earlier: MessageRow = sqlx::query_as(
-                        "SELECT * FROM messages WHERE client_id = $1 AND idempotency_key = $2",
-                    )
-                    .bind(m.client_id)
-                    .bind(m.idempotency_key)
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(db)?;
+                    let key = m.idempotency_key.unwrap_or_default();
+                    let earlier = self.message_by_key(m.client_id, key).await?.ok_or_else(|| {
+                        $crate::store::StoreError::Database(format!(
+                            "message with key {key} conflicts but was not found"
+                        ))
+                    })?;
                     Ok((earlier, false))
                 }
 
