@@ -71,15 +71,29 @@ impl Writer {
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R> + Send + 'static,
     {
-        self.queue(f).await?.await
+        self.enqueue(f, false).await?.await
     }
 
     /// Queues `f` (as for [`Writer::call`]) and returns once it is queued: every job queued
     /// after this returns is applied after it. The returned future answers as
-    /// [`Writer::call`] does, by the store deadline at the latest.
+    /// [`Writer::call`] does, by the store deadline at the latest. Unlike a call's, the job
+    /// runs even if that future is dropped: its caller may already have acted on it (a frame
+    /// left whose answer must find the record).
     pub(crate) async fn queue<R, F>(
         &self,
         f: F,
+    ) -> Result<impl Future<Output = Result<R>> + Send + 'static>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+    {
+        self.enqueue(f, true).await
+    }
+
+    async fn enqueue<R, F>(
+        &self,
+        f: F,
+        kept: bool,
     ) -> Result<impl Future<Output = Result<R>> + Send + 'static>
     where
         R: Send + 'static,
@@ -90,6 +104,7 @@ impl Writer {
             f: Some(f),
             out: None,
             reply,
+            kept,
             start_by: Instant::now() + self.deadline.acquire(),
         };
         self.tx.send(Box::new(job)).await.map_err(|_| stopped())?;
@@ -124,6 +139,8 @@ struct Call<R, F> {
     f: Option<F>,
     out: Option<Result<R>>,
     reply: oneshot::Sender<Result<R>>,
+    /// Runs even once its caller is gone (see [`Writer::queue`]).
+    kept: bool,
     start_by: Instant,
 }
 
@@ -133,7 +150,7 @@ where
     F: FnOnce(&Connection) -> Result<R> + Send + 'static,
 {
     fn abandoned(&self) -> bool {
-        self.reply.is_closed()
+        !self.kept && self.reply.is_closed()
     }
 
     fn start_by(&self) -> Instant {
@@ -301,7 +318,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_job_whose_caller_gave_up_is_never_run() {
+    async fn a_call_whose_caller_gave_up_is_never_run_a_queued_job_is() {
         let dir = tempfile::tempdir().expect("dir");
         let w = writer(&dir);
         // Holds the thread while the second call is abandoned.
@@ -328,6 +345,15 @@ mod tests {
         )
         .await;
         assert!(gave_up.is_err());
+        // A queued job runs even if its caller drops the answer: it may have acted on it.
+        let queued = w
+            .queue(|c| {
+                c.execute("INSERT INTO t (k) VALUES ('kept')", [])
+                    .map_err(sqlite)
+            })
+            .await
+            .expect("queued");
+        drop(queued);
         let _ = release.send(());
         assert!(first.await.is_ok_and(|r| r.is_ok()));
         let after = w
@@ -337,6 +363,14 @@ mod tests {
             })
             .await;
         assert_eq!(after.ok(), Some(1));
-        assert_eq!(count(&dir), 1);
+        let rows = {
+            let conn = open(&dir.path().join("w.db"), Duration::from_secs(1)).expect("open");
+            let mut stmt = conn.prepare("SELECT k FROM t ORDER BY k").expect("prepare");
+            stmt.query_map([], |r| r.get::<_, String>(0))
+                .expect("query")
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .expect("rows")
+        };
+        assert_eq!(rows, ["kept", "next"]);
     }
 }
