@@ -184,6 +184,72 @@ async fn no_answer_in_time_is_504_and_the_message_keeps_its_state() {
     assert_eq!(status, 404);
 }
 
+/// An operator who leaves before the device answers (before the frame's deferred `written`
+/// mark) still leaves the message recorded as written, and the late answer lands on it.
+#[tokio::test]
+async fn a_send_whose_operator_left_is_still_recorded() {
+    let node = Node::start().await;
+    let mut device = node.device("dev").await;
+    let request = node
+        .http
+        .post(format!(
+            "{}{}",
+            node.base,
+            send_path(&device.id, "track=ack&timeout=30")
+        ))
+        .bearer_auth(&node.admin)
+        .json(&json!({"type": "agent.slow"}))
+        .send();
+    let operator = tokio::spawn(request);
+    let (id, _) = tracked_frame(&mut device, "agent.slow").await;
+    operator.abort();
+    let _ = operator.await;
+    message_until(&node, &id, "written").await;
+    device
+        .send_json(&json!({"type": "connection.ack", "messageId": id}))
+        .await;
+    let m = message_until(&node, &id, "acked").await;
+    assert!(m["written"].is_string() && m["acked"].is_string(), "{m}");
+}
+
+/// A device that loses its socket right after a tracked frame, before the frame's `written`
+/// mark, and connects again at once gets the message again, same id, on its next connection;
+/// its ack there answers the operator who was waiting all along.
+#[tokio::test]
+async fn a_frame_lost_with_its_socket_is_redelivered_and_answers_the_waiting_operator() {
+    let node = Node::start().await;
+    let device = node.device("dev").await;
+    let (identity, conn) = (device.identity.clone(), device.id.clone());
+    let request = node
+        .http
+        .post(format!(
+            "{}{}",
+            node.base,
+            send_path(&conn, "track=ack&timeout=30")
+        ))
+        .bearer_auth(&node.admin)
+        .json(&json!({"type": "agent.job"}))
+        .send();
+    let operator = tokio::spawn(request);
+    let mut device = device;
+    let (id, _) = tracked_frame(&mut device, "agent.job").await;
+    drop(device);
+    let mut device = node.connect_device("dev", &identity).await;
+    let (again, _) = tracked_frame(&mut device, "agent.job").await;
+    assert_eq!(again, id, "redelivered with the same id");
+    device
+        .send_json(&json!({"type": "connection.ack", "messageId": id}))
+        .await;
+    let answer = operator.await.expect("joined").expect("answered");
+    assert_eq!(answer.status(), 200);
+    let body: Value = answer.json().await.expect("json");
+    assert_eq!(
+        (&body["messageId"], &body["state"]),
+        (&json!(id), &json!("acked")),
+        "{body}"
+    );
+}
+
 /// Client sends on `node`: online, offline, queued and delivered after `accepted`, redelivered
 /// after a connection lost unanswered, expired, bounded, idempotent, failed by deprovisioning.
 async fn outbox_scenario(node: &Node) {

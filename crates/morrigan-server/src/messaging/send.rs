@@ -170,17 +170,21 @@ pub async fn to_connection(
         let (_, inserted) = s.store.insert_message(&m).await?;
         Committed::ready(inserted)
     };
+    // The frame may leave from here: its `written` mark is owed even if this future is dropped.
+    let unmarked = Unmarked::new(s, &id, connection_id);
     let result = write(s, &row, connection_id, track, body, true).await;
     // Nothing is answered, and no failure recorded, before the record is durable.
     if !committed.wait().await? {
+        unmarked.disarm();
         return Err(StoreError::Conflict(format!("message {id} exists")).into());
     }
+    // Queued until its written mark: announced as `to_client` does; a device that loses this
+    // socket and connects again before the mark reads it from its outbox.
+    s.tracker.changed(&row);
     match result {
-        Ok(()) => {
-            let unmarked = Some(connection_id.to_string());
-            wait(s, &slot, &row, track, deadline, unmarked).await
-        }
+        Ok(()) => wait(s, &slot, &row, track, deadline, Some(unmarked)).await,
         Err(e) => {
+            unmarked.disarm();
             fail(s, &id, &e.to_string()).await;
             Err(e)
         }
@@ -249,9 +253,15 @@ pub async fn to_client(
         return answer_for(s, &row, opts.track, deadline).await;
     }
     let slot = s.tracker.signals().wait_for(&row.id);
+    // Queued until written and marked: announced, so that every node's outbox gate is open
+    // before the frame can leave (a device that loses the frame's socket and connects again at
+    // once, anywhere, reads it from its outbox).
+    s.tracker.changed(&row);
     // Only a send that waits for an answer defers the `written` mark (see `MARK_AFTER`).
     let defer = deadline.is_some() && opts.track != Track::None;
-    let unmarked = deliver(s, &row, live, opts, body, defer).await?;
+    let unmarked = deliver(s, &row, live, opts, body, defer)
+        .await?
+        .map(|conn| Unmarked::new(s, &row.id, &conn));
     match deadline {
         Some(deadline) => wait(s, &slot, &row, opts.track, deadline, unmarked).await,
         None => current(s, &row, opts.track).await,
@@ -293,10 +303,8 @@ async fn deliver(
             Err(e) => tracing::debug!(error = %e, "queued after a failed write"),
         }
     }
-    // Queued: this node's gate opens with the change, every other node's with the event; a
-    // connection accepted from now on reads it. One accepted before the insert did not: look
-    // again.
-    s.tracker.changed(row);
+    // Queued (and announced, see `to_client`): a connection accepted from now on reads it.
+    // One accepted before the insert did not: look again.
     if let Some(conn) = live_connection(s, &row.client_id).await? {
         // Still queued if this fails: the connection's next outbox read delivers it.
         let _ = write(s, row, &conn, opts.track, body, false).await;
@@ -377,15 +385,15 @@ async fn current(s: &AppState, row: &MessageRow, track: Track) -> Result<Outcome
 
 /// Waits until the message reaches what `track` asks for or a final state, or `deadline`: the
 /// events wake it, the store decides (re-read every [`POLL`] and at the deadline).
-/// `unmarked`: the connection the message was written to, its `written` mark deferred (made
-/// after [`MARK_AFTER`] unless an answer came first).
+/// `unmarked`: the message's deferred `written` mark (made after [`MARK_AFTER`] unless an
+/// answer came first).
 async fn wait(
     s: &AppState,
     slot: &super::waiters::Slot,
     row: &MessageRow,
     track: Track,
     deadline: tokio::time::Instant,
-    mut unmarked: Option<String>,
+    mut unmarked: Option<Unmarked>,
 ) -> Result<Outcome, SendError> {
     let done = |u: &Update| u.state.satisfies(track) || u.state.is_final();
     let mark_at = tokio::time::Instant::now() + MARK_AFTER;
@@ -396,6 +404,10 @@ async fn wait(
         if let Some(u) = slot.latest()
             && done(&u)
         {
+            // Answered (which says written too) or ended: no mark is owed.
+            if let Some(m) = unmarked {
+                m.disarm();
+            }
             return Ok(Outcome {
                 id: row.id.clone(),
                 state: u.state,
@@ -410,8 +422,8 @@ async fn wait(
                 _ = &mut notified => continue,
                 _ = tokio::time::sleep_until(mark_at.min(deadline)) => {}
             }
-            if let Some(conn) = unmarked.take() {
-                s.tracker.written(&row.id, &conn).await;
+            if let Some(m) = unmarked.take() {
+                m.mark().await;
             }
             continue;
         }
@@ -435,6 +447,54 @@ async fn wait(
                 timed_out: true,
                 ..outcome
             });
+        }
+    }
+}
+
+/// The `written` mark a send owes its message (see [`MARK_AFTER`]): made by [`wait`], or by a
+/// task of its own if the send's future is dropped first (its HTTP client left), so that a
+/// frame that left is never recorded as still `queued` while its connection lives.
+struct Unmarked {
+    tracker: std::sync::Arc<super::Tracker>,
+    id: String,
+    connection_id: String,
+    armed: bool,
+}
+
+impl Unmarked {
+    fn new(s: &AppState, id: &str, connection_id: &str) -> Self {
+        Self {
+            tracker: s.tracker.clone(),
+            id: id.to_string(),
+            connection_id: connection_id.to_string(),
+            armed: true,
+        }
+    }
+
+    async fn mark(mut self) {
+        self.armed = false;
+        self.tracker.written(&self.id, &self.connection_id).await;
+    }
+
+    /// Another write recorded the message.
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Unmarked {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (tracker, id, conn) = (
+            self.tracker.clone(),
+            std::mem::take(&mut self.id),
+            std::mem::take(&mut self.connection_id),
+        );
+        // Bounded by the store deadline.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { tracker.written(&id, &conn).await });
         }
     }
 }
