@@ -4,7 +4,9 @@
 //!
 //! Publication is off the connection's task: events go on a bounded queue that one task per
 //! node drains into the bus in order. When the bus cannot keep up the queue drops events
-//! (counted in the log) rather than slowing connections down.
+//! (counted in the log) rather than slowing connections down. An event nobody can read (a node
+//! alone on its bus, with no subscriber) is not even built: connects, disconnects and tracked
+//! messages then cost no serialization and no publishing task wake-up.
 
 use std::sync::Arc;
 
@@ -45,6 +47,11 @@ impl EventFanout {
         }
     }
 
+    /// Whether anyone subscribes now.
+    pub fn has_subscribers(&self) -> bool {
+        self.0.receiver_count() > 0
+    }
+
     /// A new subscriber: the events delivered from now on.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
         self.0.subscribe()
@@ -56,13 +63,23 @@ pub struct Observer {
     node_id: String,
     metrics: Arc<Metrics>,
     queue: mpsc::Sender<String>,
+    bus: Arc<dyn Bus>,
+    events: Arc<EventFanout>,
 }
 
 impl Observer {
     /// Starts the publishing task (on the current runtime); it ends when the observer is dropped.
-    pub fn start(node_id: &str, metrics: Arc<Metrics>, bus: Arc<dyn Bus>) -> Arc<Self> {
+    /// `events`: this node's subscribers (see [`Observer::read`]).
+    pub fn start(
+        node_id: &str,
+        metrics: Arc<Metrics>,
+        bus: Arc<dyn Bus>,
+        events: Arc<EventFanout>,
+    ) -> Arc<Self> {
         let (queue, mut rx) = mpsc::channel::<String>(PUBLISH_QUEUE);
+        let publisher = bus.clone();
         tokio::spawn(async move {
+            let bus = publisher;
             while let Some(event) = rx.recv().await {
                 if let Err(e) = bus.publish_event(&event).await {
                     tracing::debug!(error = %e, "could not publish a connection event");
@@ -73,11 +90,24 @@ impl Observer {
             node_id: node_id.to_string(),
             metrics,
             queue,
+            bus,
+            events,
         })
     }
 
-    /// Queues `event` for the bus (dropped, with a debug line, when the queue is full).
+    /// Whether an event published now can be read: another node may be on the bus, or this
+    /// node has a subscriber. One subscribing a moment later misses it, as it would have
+    /// missed any event before it subscribed.
+    pub(crate) fn read(&self) -> bool {
+        !self.bus.alone() || self.events.has_subscribers()
+    }
+
+    /// Queues `event` for the bus (dropped, with a debug line, when the queue is full), unless
+    /// nobody can read it.
     pub(crate) fn publish(&self, event: &ConnectionEvent) {
+        if !self.read() {
+            return;
+        }
         let Ok(text) = serde_json::to_string(event) else {
             return;
         };
@@ -91,6 +121,9 @@ impl Observer {
 impl Hooks for Observer {
     async fn connect(&self, record: &ConnectionRecord) {
         self.metrics.connected();
+        if !self.read() {
+            return;
+        }
         let mut e = ConnectionEvent::new(
             kinds::CONNECTED,
             &record.id,
@@ -106,6 +139,9 @@ impl Hooks for Observer {
 
     async fn disconnect(&self, d: &Disconnect) {
         self.metrics.disconnected(d.code);
+        if !self.read() {
+            return;
+        }
         let mut e = ConnectionEvent::new(
             kinds::DISCONNECTED,
             &d.connection_id,

@@ -150,6 +150,9 @@ impl Tracker {
                 reason: row.reason.clone(),
             },
         );
+        if !self.observer.read() {
+            return;
+        }
         let mut e = ConnectionEvent::new(
             kinds::MESSAGE,
             row.connection_id.as_deref().unwrap_or(""),

@@ -185,7 +185,8 @@ impl ServerBuilder {
             metrics: metrics.clone(),
         });
         // The built-in observer (metrics, event stream) runs before the embedder's hooks.
-        let observer = crate::events::Observer::start(&node_id, metrics.clone(), bus.clone());
+        let observer =
+            crate::events::Observer::start(&node_id, metrics.clone(), bus.clone(), events.clone());
         let tracker = Arc::new(crate::messaging::Tracker::new(
             store.clone(),
             signals,
