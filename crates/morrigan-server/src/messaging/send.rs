@@ -453,7 +453,11 @@ async fn wait(
 
 /// The `written` mark a send owes its message (see [`MARK_AFTER`]): made by [`wait`], or by a
 /// task of its own if the send's future is dropped first (its HTTP client left), so that a
-/// frame that left is never recorded as still `queued` while its connection lives.
+/// frame that left is never recorded as still `queued` while its connection lives. A frame
+/// handed to the session is written even if its sender is dropped (only a sender that waits
+/// out its deadline cancels it, see `ticket.rs`). The one frame that is not: one still waiting
+/// for room in the session's queue when the request is dropped; its record then says
+/// `written` and, unanswered, it is written again on the client's next connection.
 struct Unmarked {
     tracker: std::sync::Arc<super::Tracker>,
     id: String,
