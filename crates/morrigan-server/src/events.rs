@@ -79,9 +79,8 @@ impl Observer {
         let (queue, mut rx) = mpsc::channel::<String>(PUBLISH_QUEUE);
         let publisher = bus.clone();
         tokio::spawn(async move {
-            let bus = publisher;
             while let Some(event) = rx.recv().await {
-                if let Err(e) = bus.publish_event(&event).await {
+                if let Err(e) = publisher.publish_event(&event).await {
                     tracing::debug!(error = %e, "could not publish a connection event");
                 }
             }
@@ -102,12 +101,9 @@ impl Observer {
         !self.bus.alone() || self.events.has_subscribers()
     }
 
-    /// Queues `event` for the bus (dropped, with a debug line, when the queue is full), unless
-    /// nobody can read it.
+    /// Queues `event` for the bus (dropped, with a debug line, when the queue is full). Callers
+    /// ask [`Observer::read`] first, before building the event.
     pub(crate) fn publish(&self, event: &ConnectionEvent) {
-        if !self.read() {
-            return;
-        }
         let Ok(text) = serde_json::to_string(event) else {
             return;
         };
@@ -161,6 +157,9 @@ impl Hooks for Observer {
 
     async fn heartbeat_missed(&self, connection_id: &str, client_id: &str) {
         self.metrics.heartbeat_missed();
+        if !self.read() {
+            return;
+        }
         self.publish(&ConnectionEvent::new(
             kinds::HEARTBEAT_MISSED,
             connection_id,
@@ -170,6 +169,9 @@ impl Hooks for Observer {
     }
 
     async fn client_state(&self, connection_id: &str, client_id: &str, state: &str) {
+        if !self.read() {
+            return;
+        }
         let mut e =
             ConnectionEvent::new(kinds::CLIENT_STATE, connection_id, client_id, &self.node_id);
         e.state = Some(state.to_string());

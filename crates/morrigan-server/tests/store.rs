@@ -452,13 +452,23 @@ async fn sqlite_store() {
 
 #[tokio::test]
 async fn postgres_store() {
+    on_postgres("store", exercise).await;
+}
+
+/// Runs `scenario` on a store over a fresh PostgreSQL database (named after `prefix`, dropped
+/// afterwards); skipped without `MORRIGAN_TEST_POSTGRES_URL`.
+async fn on_postgres<F, Fut>(prefix: &str, scenario: F)
+where
+    F: FnOnce(Arc<dyn Store>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let Some(base) = common::service_url("MORRIGAN_TEST_POSTGRES_URL") else {
         return;
     };
-    let database = common::pg::Database::create(&base, "store").await;
+    let database = common::pg::Database::create(&base, prefix).await;
     {
         let store = PgStore::connect(&database.url).await.expect("postgres");
-        exercise(Arc::new(store.clone())).await;
+        scenario(Arc::new(store.clone())).await;
         store.pool().close().await;
     }
     database.drop_now().await;
@@ -572,14 +582,5 @@ async fn message_writes_on_sqlite_files_and_in_memory() {
 
 #[tokio::test]
 async fn message_writes_on_postgres() {
-    let Some(base) = common::service_url("MORRIGAN_TEST_POSTGRES_URL") else {
-        return;
-    };
-    let database = common::pg::Database::create(&base, "store_messages").await;
-    {
-        let store = PgStore::connect(&database.url).await.expect("postgres");
-        message_writes(Arc::new(store.clone())).await;
-        store.pool().close().await;
-    }
-    database.drop_now().await;
+    on_postgres("store_messages", message_writes).await;
 }
