@@ -474,9 +474,9 @@ where
     database.drop_now().await;
 }
 
-/// Commits never run a checkpoint (`wal_autocheckpoint = 0`): a task beside the writer copies
-/// the write-ahead log into the database file every second, so the log does not grow with
-/// the writes and the data reaches the database file without any commit waiting for it.
+/// Commits never run a checkpoint (`wal_autocheckpoint = 0`): a task copies the write-ahead
+/// log into the database file every second, so the data reaches the database file without any
+/// commit waiting for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_write_ahead_log_is_checkpointed_beside_the_writer() {
     use morrigan_server::store::ClientStore;
@@ -501,6 +501,116 @@ async fn the_write_ahead_log_is_checkpointed_beside_the_writer() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// Under a steady stream of writes, on either writer (the connection hot path's batches or the
+/// message writer's thread), the write-ahead log still starts over, so it stays about one
+/// checkpoint period long. Before, it was checkpointed only beside the writers, which appended
+/// meanwhile: the log never started over and grew for as long as the writes went on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_ahead_log_starts_over_under_steady_message_writes() {
+    use morrigan_protocol::messages::{Direction, MessageState, Track};
+    use morrigan_server::store::messages::NewMessage;
+    log_starts_over_under(|store, _| async move {
+        let now = morrigan_protocol::time_format::now();
+        let id = uuid::Uuid::now_v7().to_string();
+        let m = NewMessage {
+            id: &id,
+            client_id: "dev",
+            connection_id: None,
+            direction: Direction::Out,
+            message_type: "test.steady",
+            body: r#"{"type":"test.steady"}"#,
+            track: Track::Ack,
+            state: MessageState::Queued,
+            created: &now,
+            expires: None,
+            idempotency_key: None,
+        };
+        let committed = store.queue_message(&m).await.expect("queued");
+        assert!(committed.wait().await.expect("committed"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_ahead_log_starts_over_under_steady_connection_writes() {
+    log_starts_over_under(|store, i| async move {
+        let record = pending(&format!("steady-{i}"), &format!("t-{i}"));
+        let issued = issue(store.as_ref(), &record, "identity-1", ID_PROOF).await;
+        assert!(issued.expect("issued"));
+    })
+    .await;
+}
+
+/// Runs `write(store, i)` for i = 0, 1, ... one after another on a fresh SQLite file, and
+/// waits (15 s at most) for its write-ahead log to start over meanwhile.
+async fn log_starts_over_under<F, Fut>(write: F)
+where
+    F: Fn(Arc<dyn Store>, u64) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&dir.path().join("m.db"))
+            .await
+            .expect("sqlite"),
+    );
+    let now = morrigan_protocol::time_format::now();
+    store.upsert_client("dev", &now).await.expect("client");
+    store
+        .insert_token(&TokenRow {
+            id: "identity-1".into(),
+            kind: TokenKind::Identity,
+            subject: "dev".into(),
+            issuer: "node-1".into(),
+            issued: now.clone(),
+            expires: FAR.into(),
+            digest: Some(ID_DIGEST.into()),
+        })
+        .await
+        .expect("identity token");
+    let (stop, written) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let writes = tokio::spawn({
+        let (store, stop, written) = (store.clone(), stop.clone(), written.clone());
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                write(store.clone(), written.load(Ordering::Relaxed)).await;
+                written.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    // The log's header counts the times it started over (its checkpoint sequence number).
+    let wal = dir.path().join("m.db-wal");
+    let starts = || {
+        use std::io::Read;
+        let mut header = [0u8; 16];
+        let mut file = std::fs::File::open(&wal).ok()?;
+        file.read_exact(&mut header).ok()?;
+        Some(u32::from_be_bytes([
+            header[12], header[13], header[14], header[15],
+        ]))
+    };
+    while written.load(Ordering::Relaxed) < 50 {
+        assert!(!writes.is_finished(), "the writes stopped");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let first = starts();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while starts() == first {
+        assert!(
+            std::time::Instant::now() < deadline && !writes.is_finished(),
+            "the log never started over in 15 s of steady writes ({} of them)",
+            written.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    writes.await.expect("writes");
 }
 
 /// A tracked message's writes: the record, the device's answer queued before the record's

@@ -129,14 +129,12 @@ impl SqliteStore {
                 .await
                 .map_err(db)?
         };
-        if max > 1 {
-            tokio::spawn(checkpoints(pool.clone()));
-        }
         let hot = Self::hot_path(&writer, deadline);
         let messages = if max == 1 {
             Self::message_path(&writer, deadline)
         } else {
             let thread = super::sqlite_writer::Writer::spawn(&path, deadline)?;
+            tokio::spawn(checkpoints(pool.clone(), writer.clone(), thread.clone()));
             super::message_path::MessagePath::Ordered(thread)
         };
         Ok(Self {
@@ -173,10 +171,21 @@ impl SqliteStore {
 /// How often the write-ahead log is copied back into the database.
 const CHECKPOINT_PERIOD: Duration = Duration::from_secs(1);
 
-/// Copies the write-ahead log into the database every [`CHECKPOINT_PERIOD`], on a pooled
-/// connection, until the pool closes. `PASSIVE` never waits for the writer or readers: a
-/// commit never waits for a checkpoint, and the log stays about one period of writes long.
-async fn checkpoints(pool: SqlitePool) {
+/// Copies the write-ahead log into the database every [`CHECKPOINT_PERIOD`] until the pool
+/// closes. SQLite starts the log over only when a write finds all of it copied, and a
+/// checkpoint run while a writer appends never catches up with it: checkpointed only beside
+/// the writers, the log would grow for as long as writes go on. So each period runs two
+/// checkpoints:
+///
+/// 1. on a pooled connection, beside both writers: it copies most of the log and flushes it to
+///    disk, the slow part, while they go on;
+/// 2. with both writers between two of their writes, the hot path's connection held (its
+///    batches wait) and on the message writer's thread (see `sqlite_writer.rs`): it copies only
+///    what they appended meanwhile, and the next write starts the log over.
+///
+/// So under steady writes the log stays about one period long. `PASSIVE` never waits for
+/// another connection, and no commit runs a checkpoint.
+async fn checkpoints(pool: SqlitePool, hot: SqlitePool, writer: super::sqlite_writer::Writer) {
     let mut tick = tokio::time::interval(CHECKPOINT_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -184,11 +193,19 @@ async fn checkpoints(pool: SqlitePool) {
         if pool.is_closed() {
             return;
         }
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+        let bulk = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
             .execute(&pool)
             .await
-        {
-            tracing::debug!(error = %e, "checkpoint failed; retried next period");
+            .map_err(db);
+        let rest = match hot.acquire().await {
+            Ok(_held) => writer.checkpoint().await,
+            Err(e) => Err(db(e)),
+        };
+        match bulk.and(rest) {
+            Ok(true) => {}
+            // A pooled connection wrote meanwhile, or a checkpoint was already running.
+            Ok(false) => tracing::debug!("log not all copied back; it starts over later"),
+            Err(e) => tracing::debug!(error = %e, "checkpoint failed; retried next period"),
         }
     }
 }

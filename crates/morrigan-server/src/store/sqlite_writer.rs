@@ -17,6 +17,13 @@
 //! (the busy timeout). Each job is one statement, which SQLite applies whole or not at all, so
 //! one that fails leaves nothing behind and the rest of its round still commits. Jobs are
 //! applied in the order they were queued, across rounds too.
+//!
+//! The thread also copies the write-ahead log back into the database ([`Writer::checkpoint`]),
+//! between two rounds. SQLite starts the log over from its beginning only when a write finds
+//! every frame of it copied back, and a checkpoint run on another connection while this thread
+//! appends never catches up with it: under a steady stream of messages the log would grow for
+//! as long as the stream lasts. Between rounds this thread appends nothing, the checkpoint can
+//! copy the whole log, and the next round starts it over.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -40,8 +47,15 @@ const CACHE_KIB: i64 = 32 * 1024;
 /// A handle to the writer thread; the thread ends when the last handle is dropped.
 #[derive(Clone)]
 pub(crate) struct Writer {
-    tx: mpsc::Sender<Box<dyn Job>>,
+    tx: mpsc::Sender<Work>,
     deadline: Deadline,
+}
+
+/// What the thread is given.
+enum Work {
+    Job(Box<dyn Job>),
+    /// Copy the log back after the round in progress (see [`Writer::checkpoint`]).
+    Checkpoint(oneshot::Sender<Result<bool>>),
 }
 
 impl Writer {
@@ -107,15 +121,41 @@ impl Writer {
             kept,
             start_by: Instant::now() + self.deadline.acquire(),
         };
-        self.tx.send(Box::new(job)).await.map_err(|_| stopped())?;
+        self.tx
+            .send(Work::Job(Box::new(job)))
+            .await
+            .map_err(|_| stopped())?;
+        Ok(self.answer(answer))
+    }
+
+    /// Copies the write-ahead log back into the database once the round in progress has
+    /// committed, without waiting for any other connection (`PASSIVE`): `true` if the whole log
+    /// was copied, so that the next round starts it over. Run periodically (see `sqlite.rs`).
+    pub(crate) async fn checkpoint(&self) -> Result<bool> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Work::Checkpoint(reply))
+            .await
+            .map_err(|_| stopped())?;
+        self.answer(answer).await
+    }
+
+    /// The answer to a job, waited for by the store deadline at the latest.
+    fn answer<R>(
+        &self,
+        answer: oneshot::Receiver<Result<R>>,
+    ) -> impl Future<Output = Result<R>> + Send + 'static
+    where
+        R: Send + 'static,
+    {
         let limit = self.deadline.call();
-        Ok(async move {
+        async move {
             match tokio::time::timeout(limit, answer).await {
                 Ok(Ok(answer)) => answer,
                 Ok(Err(_)) => Err(stopped()),
                 Err(_) => Err(StoreError::Timeout(limit)),
             }
-        })
+        }
     }
 }
 
@@ -180,18 +220,56 @@ struct Thread {
 }
 
 impl Thread {
-    fn run(mut self, mut rx: mpsc::Receiver<Box<dyn Job>>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Work>) {
         let mut jobs = Vec::with_capacity(ROUND_JOBS);
-        while let Some(job) = rx.blocking_recv() {
-            jobs.push(job);
-            while jobs.len() < ROUND_JOBS {
-                match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
+        while let Some(first) = rx.blocking_recv() {
+            let mut next = Some(first);
+            let mut checkpoint = None;
+            while let Some(work) = next {
+                match work {
+                    Work::Job(job) => jobs.push(job),
+                    Work::Checkpoint(reply) => {
+                        // Jobs queued after it wait for it: the round ends here.
+                        checkpoint = Some(reply);
+                        break;
+                    }
                 }
+                next = if jobs.len() < ROUND_JOBS {
+                    rx.try_recv().ok()
+                } else {
+                    None
+                };
             }
             self.round(&mut jobs);
+            if let Some(reply) = checkpoint {
+                let _ = reply.send(self.checkpoint());
+            }
         }
+    }
+
+    /// The connection, opened if it is not (see [`Writer::spawn`]).
+    fn connection(&mut self) -> Result<&Connection> {
+        if self.conn.is_none() {
+            self.conn = Some(open(&self.path, self.deadline.statement()).map_err(sqlite)?);
+        }
+        self.conn
+            .as_ref()
+            .ok_or_else(|| StoreError::Database("no writer connection".into()))
+    }
+
+    /// Copies the log back between two rounds (see the module's doc).
+    fn checkpoint(&mut self) -> Result<bool> {
+        let conn = self.connection()?;
+        let (busy, log, copied) = conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .map_err(sqlite)?;
+        Ok(busy == 0 && log == copied)
     }
 
     /// Runs the queued jobs in one transaction and answers each.
@@ -222,12 +300,7 @@ impl Thread {
     }
 
     fn transaction(&mut self, jobs: &mut [Box<dyn Job>]) -> Result<()> {
-        if self.conn.is_none() {
-            self.conn = Some(open(&self.path, self.deadline.statement()).map_err(sqlite)?);
-        }
-        let Some(conn) = self.conn.as_ref() else {
-            return Err(StoreError::Database("no writer connection".into()));
-        };
+        let conn = self.connection()?;
         conn.execute_batch("BEGIN IMMEDIATE").map_err(sqlite)?;
         for job in jobs.iter_mut() {
             job.run(conn);
