@@ -65,24 +65,49 @@ fn pending(id: &str, token: &str) -> ConnectionRecord {
     }
 }
 
-async fn exercise(store: Arc<dyn Store>) {
-    let far = FAR;
-    store
-        .upsert_client("dev", "2026-01-01T00:00:00.000Z")
-        .await
-        .expect("client");
+/// Client "dev" with the identity token "identity-1" (digest `ID_DIGEST`), issued at `now`.
+async fn provision_dev(store: &dyn Store, now: &str) {
+    store.upsert_client("dev", now).await.expect("client");
     store
         .insert_token(&TokenRow {
             id: "identity-1".into(),
             kind: TokenKind::Identity,
             subject: "dev".into(),
             issuer: "node-1".into(),
-            issued: "2026-01-01T00:00:00.000Z".into(),
-            expires: far.into(),
+            issued: now.into(),
+            expires: FAR.into(),
             digest: Some(ID_DIGEST.into()),
         })
         .await
         .expect("identity token");
+}
+
+/// A queued outgoing `test.ping` tracked with an ack.
+fn acked_out<'a>(
+    id: &'a str,
+    client_id: &'a str,
+    connection_id: Option<&'a str>,
+    now: &'a str,
+) -> morrigan_server::store::messages::NewMessage<'a> {
+    use morrigan_protocol::messages::{Direction, MessageState, Track};
+    morrigan_server::store::messages::NewMessage {
+        id,
+        client_id,
+        connection_id,
+        direction: Direction::Out,
+        message_type: "test.ping",
+        body: r#"{"type":"test.ping"}"#,
+        track: Track::Ack,
+        state: MessageState::Queued,
+        created: now,
+        expires: None,
+        idempotency_key: None,
+    }
+}
+
+async fn exercise(store: Arc<dyn Store>) {
+    let far = FAR;
+    provision_dev(store.as_ref(), "2026-01-01T00:00:00.000Z").await;
     // 450 concurrent exchanges and accepts: the hot path's multi-row batches, and many
     // heartbeat chunks (32 each) below.
     let issued = join_all((0..450).map(|i| {
@@ -509,24 +534,10 @@ async fn the_write_ahead_log_is_checkpointed_beside_the_writer() {
 /// meanwhile: the log never started over and grew for as long as the writes went on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_write_ahead_log_starts_over_under_steady_message_writes() {
-    use morrigan_protocol::messages::{Direction, MessageState, Track};
-    use morrigan_server::store::messages::NewMessage;
     log_starts_over_under(|store, _| async move {
         let now = morrigan_protocol::time_format::now();
         let id = uuid::Uuid::now_v7().to_string();
-        let m = NewMessage {
-            id: &id,
-            client_id: "dev",
-            connection_id: None,
-            direction: Direction::Out,
-            message_type: "test.steady",
-            body: r#"{"type":"test.steady"}"#,
-            track: Track::Ack,
-            state: MessageState::Queued,
-            created: &now,
-            expires: None,
-            idempotency_key: None,
-        };
+        let m = acked_out(&id, "dev", None, &now);
         let committed = store.queue_message(&m).await.expect("queued");
         assert!(committed.wait().await.expect("committed"));
     })
@@ -557,20 +568,7 @@ where
             .await
             .expect("sqlite"),
     );
-    let now = morrigan_protocol::time_format::now();
-    store.upsert_client("dev", &now).await.expect("client");
-    store
-        .insert_token(&TokenRow {
-            id: "identity-1".into(),
-            kind: TokenKind::Identity,
-            subject: "dev".into(),
-            issuer: "node-1".into(),
-            issued: now.clone(),
-            expires: FAR.into(),
-            digest: Some(ID_DIGEST.into()),
-        })
-        .await
-        .expect("identity token");
+    provision_dev(store.as_ref(), &morrigan_protocol::time_format::now()).await;
     let (stop, written) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicU64::new(0)),
@@ -617,26 +615,13 @@ where
 /// commit was waited for (what a send to a socket held by this node does), a repeated answer,
 /// a foreign id, and the written mark of a message already answered.
 async fn message_writes(store: Arc<dyn Store>) {
-    use morrigan_protocol::messages::{Direction, MessageState, Track};
-    use morrigan_server::store::messages::{Answer, NewMessage, Settled};
+    use morrigan_server::store::messages::{Answer, Settled};
     let now = morrigan_protocol::time_format::now();
     store.upsert_client("m-client", &now).await.expect("client");
     let mut answered = Vec::new();
     for i in 0..20 {
         let id = format!("m-{i:02}");
-        let m = NewMessage {
-            id: &id,
-            client_id: "m-client",
-            connection_id: Some("m-conn"),
-            direction: Direction::Out,
-            message_type: "test.ping",
-            body: r#"{"type":"test.ping"}"#,
-            track: Track::Ack,
-            state: MessageState::Queued,
-            created: &now,
-            expires: None,
-            idempotency_key: None,
-        };
+        let m = acked_out(&id, "m-client", Some("m-conn"), &now);
         let committed = store.queue_message(&m).await.expect("queued");
         // Answered while the insert may not be committed yet: it is applied after the insert.
         let settled = tokio::spawn({
